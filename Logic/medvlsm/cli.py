@@ -1,0 +1,262 @@
+"""The ``medvlsm`` command line. Each sub-command imports what it needs, so the fast ones stay fast.
+
+Errors the user can fix print one line (``error: <problem>. <fix>.``) and exit 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("medvlsm")
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _add_segment_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registry name (see `medvlsm models`) or a model folder; "
+                   "default: the registry's default (clipseg-rd64-refined)")
+    p.add_argument("--axis", "--plane", dest="axis", choices=["axial", "coronal", "sagittal"], default=None,
+                   help="anatomical plane to slice along (default: axial; the acquisition plane for 2D images)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where the hardware supports it natively, else fp32")
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's own)")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 8 on CPU, 32 on GPU)")
+    p.add_argument("--window", default="auto", help="intensity window: auto, abdomen, lung, bone, brain, mediastinum, "
+                   "percentile, none, or LEVEL,WIDTH in HU")
+    p.add_argument("--resize", default="letterbox", choices=["letterbox", "stretch"],
+                   help="letterbox keeps the physical aspect ratio; stretch squashes to a square as the paper did")
+    p.add_argument("--slices", default=None, help="START:STOP slice range in the chosen plane (default: all)")
+    p.add_argument("--keep-largest", action="store_true", help="keep only the largest 3D connected component")
+    p.add_argument("--min-size", type=int, default=0, help="remove 3D islands smaller than this many voxels")
+    p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvlsm", description="Text-prompted segmentation of medical images "
+                                     "with vision-language segmentation models (arXiv 2308.07706).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment an image or volume from text prompts")
+    seg.add_argument("input", help="NIfTI/NRRD/MHA file, a DICOM series folder, or a 2D PNG/JPG")
+    seg.add_argument("--prompt", "-p", action="append", required=True,
+                     help="what to segment; repeat for several segments (one label each)")
+    seg.add_argument("--output", "-o", required=True, help=".seg.nrrd (Slicer segmentation), .nii/.nii.gz/.nrrd/.mha "
+                     "(labelmap: label i = i-th prompt) or .png (2D inputs)")
+    seg.add_argument("--probabilities", default=None, help="also write float32 probabilities (.nii.gz/.nrrd/.mha)")
+    seg.add_argument("--overlay", default=None, help="also write a PNG montage of slices with the masks")
+    _add_segment_options(seg)
+
+    sub.add_parser("models", help="list the model registry")
+
+    demo = sub.add_parser("demo", help="segment the bundled demo CT (lung1 crop, pyradiomics, BSD-3)")
+    demo.add_argument("--output", "-o", default="medvlsm-demo", help="folder for the results (default: ./medvlsm-demo)")
+    demo.add_argument("--allow-untrained", action="store_true",
+                      help="if the default weights cannot be had (offline), run the pipeline with random weights "
+                           "instead of stopping; the outputs are then marked UNTRAINED")
+    _add_segment_options(demo)
+
+    dl = sub.add_parser("download", help="download a registry model into the Hugging Face cache (checksummed)")
+    dl.add_argument("name")
+
+    init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
+    init.add_argument("--arch", default="clipseg", choices=["clipseg"])
+    init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
+    init.add_argument("--output", "-o", required=True)
+    init.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# ---- sub-commands ------------------------------------------------------------------------------
+
+def _parse_slices(text):
+    from .errors import InputError
+
+    if not text:
+        return None
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError as e:
+        raise InputError(f"--slices {text!r} is not START:STOP", "Write e.g. --slices 10:40") from e
+    return start, stop
+
+
+def _progress_bar(quiet: bool, what: str):
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="slice", desc=what, leave=False, file=sys.stderr)
+
+    def update(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+def run_segmentation(args, input_path, prompts, outputs, probabilities=None, overlay=None, model=None):
+    """Shared by ``segment`` and ``demo``: read, check every output path, run, write, summarise."""
+    import numpy as np
+
+    from . import io
+    from .engine import Engine
+    from .errors import InputError
+    from .postprocess import PostProcess, labelmap
+
+    volume = io.read_image(input_path)
+    is_2d = volume.shape[0] == 1
+    extensions = [io.check_output_path(o, is_2d=is_2d) for o in outputs]
+    if probabilities:
+        io.check_output_path(probabilities, is_2d=is_2d, kind="probabilities")
+    if overlay and io.extension(overlay) != ".png":
+        raise InputError(f"--overlay {overlay} must be a .png file", "Give a path ending in .png")
+    if model is None:
+        from .models import load_model
+
+        model = load_model(args.model)
+    engine = Engine(model, device=args.device, precision=args.precision, batch_size=args.batch_size)
+    update, close = _progress_bar(args.quiet, "segmenting")
+    try:
+        result = engine.segment(volume, prompts, plane=args.axis, window=args.window, resize=args.resize,
+                                slices=_parse_slices(args.slices), progress=update)
+    finally:
+        close()
+    post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)
+    masks = result.masks(args.threshold, post)
+    for output, ext in zip(outputs, extensions):
+        if ext == ".seg.nrrd":
+            io.write_seg_nrrd(volume, masks, result.prompts, output)
+        else:
+            io.write_labelmap(volume, labelmap(masks, result.probabilities), output)
+    if probabilities:
+        io.write_probabilities(volume, result.probabilities, probabilities)
+    if overlay:
+        from .overlay import save_overlay
+
+        title = f"{result.model_name}: {', '.join(repr(p) for p in result.prompts)}"
+        if not result.trained:
+            title = "UNTRAINED WEIGHTS (pipeline check, not a segmentation) - " + title
+        save_overlay(volume, masks, result.prompts, overlay, plane=result.plane, window=args.window, title=title)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels ({m.sum() * voxel_ml:.1f} mL)"
+                       for p, m in zip(result.prompts, masks))
+    n = result.slice_range[1] - result.slice_range[0]
+    print(f"{counts} | {n} {result.plane} slices in {result.seconds:.1f} s on {result.device} ({result.dtype}) "
+          f"| window {result.window} -> {', '.join(str(o) for o in outputs)}")
+    return result
+
+
+def cmd_segment(args):
+    run_segmentation(args, args.input, args.prompt, [args.output], args.probabilities, args.overlay)
+
+
+def cmd_models(args):
+    from .models import default_model_name, registry
+
+    default = default_model_name()
+    print(f"{'name':24} {'arch':10} {'input':>6} {'thr':>5} {'params':>8}  source / licence")
+    for spec in registry().values():
+        mark = " (default)" if spec.name == default else ""
+        print(f"{spec.name:24} {spec.arch:10} {spec.input_size:>6} {spec.threshold:>5} {spec.parameters_m:>7.1f}M  "
+              f"{spec.source}{mark}; {spec.licence}")
+    print("A model folder (save_pretrained format, e.g. from `medvlsm init`) works anywhere a name does.")
+
+
+DEMO_PROMPTS = ["lung", "heart", "lung tumor"]
+
+
+def cmd_demo(args):
+    from .errors import ModelError
+    from .models import load_model
+    from .resources import resource
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model = load_model(args.model)
+    except ModelError as e:
+        if not args.allow_untrained:
+            raise
+        from .models.clipseg import CLIPSeg
+
+        log.warning("%s", e)
+        log.warning("Running the demo with RANDOM weights (--allow-untrained): the files show the pipeline "
+                    "and the geometry, not a segmentation.")
+        model = CLIPSeg.random("full")
+    image = resource("Demo", "lung1_ct_crop.nrrd")
+    print(f"Demo: {image.name} (pyradiomics lung1 CT, BSD-3), prompts {DEMO_PROMPTS}, model {model.spec.name}")
+    outputs = [out / "demo.seg.nrrd", out / "demo_labels.nii.gz"]
+    run_segmentation(args, image, DEMO_PROMPTS, outputs, overlay=out / "demo_overlay.png", model=model)
+    print(f"Wrote {outputs[0]} (open it in 3D Slicer over {image}), {outputs[1]} and {out / 'demo_overlay.png'}")
+
+
+def cmd_download(args):
+    from .errors import ModelError
+    from .models import fetch, registry
+
+    specs = registry()
+    if args.name not in specs:
+        raise ModelError(f"Unknown model {args.name!r}", f"Use one of: {', '.join(specs)}")
+    print(fetch(specs[args.name]))
+
+
+def cmd_init(args):
+    from .models.clipseg import CLIPSeg
+
+    model = CLIPSeg.random(args.size, name=Path(args.output).name, seed=args.seed)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"Wrote {args.arch} ({args.size}, {n:.2f} M parameters, random weights) to {args.output}")
+
+
+COMMANDS = {"segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download, "init": cmd_init}
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    log.propagate = False
+    from .errors import Cancelled, MedVLSMError
+
+    try:
+        COMMANDS[args.command](args)
+    except Cancelled as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("cancelled: interrupted; no output was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except MedVLSMError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:  # a bug or an environment problem: one line, details with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+              "(run again with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The inference engine: one volume, several prompts, exact geometry, bounded memory.
+
+Used unchanged by the CLI, the Slicer module, evaluation and training's validation:
+
+- slices of one anatomical plane (``SliceView``: no resampling) stream through the model in
+  batches; only one batch of activations exists at a time;
+- each prompt's text is encoded once; all prompts share one image-encoder pass per batch;
+- optional image-feature cache (``cache_bytes``): a new prompt on a volume seen before runs the
+  decoder only. Keys: caller's key (Slicer: node ID + modified time) or the volume's content hash,
+  plus plane, slice range, intensity window and letterbox;
+- ``progress(done, total)`` after each batch; ``cancel()`` returning True stops before the next
+  batch and raises ``Cancelled`` — nothing partial is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import postprocess
+from .errors import Cancelled, InputError
+from .models.base import VLSM, clean_prompt
+from .preprocess import Letterbox, choose_window, to_model_input
+from .volume import SliceView, Volume, default_plane
+
+log = logging.getLogger("medvlsm")
+
+_TORCH_NATIVE = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.float32))
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto`` -> cuda > mps > cpu. Asking for an absent accelerator is an error, not a fallback."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available to PyTorch",
+                         "Use --device cpu (or auto), or install a CUDA build of PyTorch")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps was asked for but Apple's Metal backend is not available", "Use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"Unknown device {device!r}", "Use auto, cpu, cuda, cuda:N or mps") from e
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it and on CPUs with native bf16; fp32 otherwise."""
+    precision = (precision or "auto").lower()
+    if precision in ("fp32", "float32"):
+        return torch.float32
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if precision != "auto":
+        raise InputError(f"Unknown precision {precision!r}", "Use auto, fp32 or bf16")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class SegmentationResult:
+    """Probabilities ``[P, K, J, I]`` on the input volume's grid, and how they were made."""
+
+    grid: Volume
+    prompts: list
+    probabilities: np.ndarray
+    threshold: float
+    plane: str
+    slice_range: tuple
+    model_name: str
+    trained: bool
+    device: str
+    dtype: str
+    seconds: float
+    window: str
+    warnings: list = field(default_factory=list)
+    from_cache: bool = False
+
+    def masks(self, threshold: float | None = None, post: postprocess.PostProcess | None = None) -> np.ndarray:
+        """Binary masks ``[P, K, J, I]``; re-thresholding is instant (no model run)."""
+        t = self.threshold if threshold is None else threshold
+        masks = postprocess.threshold(self.probabilities, t)
+        if post is not None and post.active:
+            masks = np.stack([post(m) for m in masks])
+        return masks
+
+    def labelmap(self, threshold: float | None = None, post: postprocess.PostProcess | None = None) -> np.ndarray:
+        return postprocess.labelmap(self.masks(threshold, post), self.probabilities)
+
+
+class Engine:
+    """Runs a ``VLSM`` over volumes. Thread-safe for one run at a time (the Slicer worker)."""
+
+    def __init__(self, model: VLSM, device: str | torch.device | None = "auto", precision: str = "auto",
+                 batch_size: int | None = None, cache_bytes: int = 0):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = resolve_dtype(self.device, precision)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        if self.batch_size < 1:
+            raise InputError(f"Batch size {self.batch_size} must be at least 1", "Use --batch-size 1 or more")
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict = OrderedDict()
+        self._text_cache: dict = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """``[P, D]``; remembered per prompt so re-running a prompt costs nothing."""
+        missing = [p for p in prompts if p not in self._text_cache]
+        if missing:
+            with torch.inference_mode(), self._autocast():
+                encoded = self.model.encode_text(missing)
+            self._text_cache.update(zip(missing, encoded))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _cache_lookup(self, key):
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        return None
+
+    def _cache_store(self, key, batches: list) -> None:
+        size = sum(t.numel() * t.element_size() for feats in batches for t in feats)
+        if size > self.cache_bytes:
+            log.info("Image features (%.0f MB) exceed the cache budget (%.0f MB): not cached.",
+                     size / 2**20, self.cache_bytes / 2**20)
+            return
+        self._cache[key] = batches
+        while sum(t.numel() * t.element_size() for b in self._cache.values() for f in b for t in f) > self.cache_bytes:
+            self._cache.popitem(last=False)
+
+    # -- the run -------------------------------------------------------------------------
+    def segment(self, volume: Volume, prompts: list[str], *, plane: str | None = None, window: str = "auto",
+                resize: str = "letterbox", slices: tuple | None = None,
+                progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                cache_key=None) -> SegmentationResult:
+        """Segment ``volume`` once per prompt.
+
+        Args:
+            volume: the image; never modified.
+            prompts: one segment per prompt (an empty prompt is the paper's p0, with a warning).
+            plane: axial / coronal / sagittal; default axial (or the plane of a single-slice image).
+            window: intensity mapping (see ``preprocess.choose_window``).
+            resize: ``letterbox`` (keep physical aspect) or ``stretch`` (the paper).
+            slices: ``(start, stop)`` slice indices in display order of ``plane``; default all.
+            cache_key: hashable identity of the volume for the feature cache (default: content hash).
+
+        Returns:
+            ``SegmentationResult`` with probabilities ``[P, K, J, I]`` (zero outside ``slices``).
+        """
+        start_time = time.perf_counter()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise InputError("No prompt given", "Give at least one --prompt (\"\" is the paper's empty prompt p0)")
+        volume.validate()
+        warnings, cleaned = [], []
+        for p in prompts:
+            text, w = clean_prompt(p)
+            cleaned.append(text)
+            warnings += w
+        plane = plane or default_plane(volume)
+        view = SliceView(volume, plane)
+        start, stop = slices if slices is not None else (0, view.num_slices)
+        if not (0 <= start < stop <= view.num_slices):
+            raise InputError(f"Slice range {start}..{stop - 1} is outside the {view.num_slices} {plane} slices",
+                             f"Choose slices between 0 and {view.num_slices - 1}")
+        spec = self.model.spec
+        intensity = choose_window(volume, window)
+        box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, spec.input_size, resize)
+        text = self.encode_text(cleaned)
+
+        key = None
+        if self.cache_bytes > 0:
+            identity = cache_key if cache_key is not None else volume.fingerprint()
+            key = (identity, plane, start, stop, intensity, box, id(self.model), self.dtype)
+        cached = self._cache_lookup(key) if key is not None else None
+        fresh = [] if (key is not None and cached is None) else None
+
+        source = view.view(volume.array)
+        probabilities = np.zeros((len(cleaned),) + volume.shape, np.float32)
+        targets = [view.view(probabilities[p]) for p in range(len(cleaned))]
+        total = stop - start
+        for batch_index, s in enumerate(range(start, stop, self.batch_size)):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            e = min(s + self.batch_size, stop)
+            with torch.inference_mode(), self._autocast():
+                if cached is not None:
+                    features = tuple(f.to(self.device) for f in cached[batch_index])
+                else:
+                    raw = np.ascontiguousarray(source[s:e])
+                    if raw.dtype not in _TORCH_NATIVE:
+                        raw = raw.astype(np.float32)
+                    raw = torch.from_numpy(raw).to(self.device)
+                    pixels = to_model_input(raw, intensity, box, spec.mean, spec.std)
+                    features = self.model.encode_images(pixels)
+                    if fresh is not None:
+                        fresh.append(features)
+                logits = self.model.decode(features, text)
+                probs = torch.sigmoid(box.restore(logits)).cpu().numpy()
+            for p in range(len(cleaned)):
+                targets[p][s:e] = probs[:, p]
+            if progress is not None:
+                progress(e - start, total)
+        if fresh is not None:
+            self._cache_store(key, fresh)
+        if not spec.trained:
+            warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
+        for w in warnings:
+            log.warning(w)
+        return SegmentationResult(
+            grid=volume,
+            prompts=cleaned, probabilities=probabilities, threshold=spec.threshold, plane=plane,
+            slice_range=(start, stop), model_name=spec.name, trained=spec.trained, device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""), seconds=time.perf_counter() - start_time,
+            window=intensity.describe, warnings=warnings, from_cache=cached is not None,
+        )

@@ -1,0 +1,266 @@
+"""Reading images and writing results, geometry preserved (SimpleITK, pynrrd).
+
+Every reader returns a ``Volume`` (LPS, ``[K, J, I(, C)]``); every writer takes arrays on the
+grid of the volume they were computed from and writes that grid's spacing, origin and
+direction unchanged. Inputs are opened read-only and never written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .volume import Volume
+
+LABELMAP_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+SEGMENTATION_EXTENSIONS = (".seg.nrrd",)
+IMAGE_2D_EXTENSIONS = (".png",)
+OUTPUT_EXTENSIONS = SEGMENTATION_EXTENSIONS + LABELMAP_EXTENSIONS + IMAGE_2D_EXTENSIONS
+_2D_INPUTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# Distinct, colour-blind friendly segment colours (Okabe-Ito, then Slicer-like tints).
+PALETTE = [
+    (0.90, 0.62, 0.00), (0.34, 0.71, 0.91), (0.00, 0.62, 0.45), (0.94, 0.89, 0.26),
+    (0.00, 0.45, 0.70), (0.84, 0.37, 0.00), (0.80, 0.47, 0.65), (0.50, 0.68, 0.39),
+    (0.86, 0.38, 0.45), (0.56, 0.44, 0.86),
+]
+
+
+def extension(path) -> str:
+    name = str(path).lower()
+    for ext in SEGMENTATION_EXTENSIONS + (".nii.gz",):
+        if name.endswith(ext):
+            return ext
+    return os.path.splitext(name)[1]
+
+
+def is_2d_input(path) -> bool:
+    return extension(path) in _2D_INPUTS
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def volume_from_sitk(image, source: str = "") -> Volume:
+    """``SimpleITK.Image`` (2D or 3D, scalar or RGB) -> ``Volume``; 2D becomes one slice."""
+    sitk = _sitk()
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise InputError(
+            f"{source or 'The image'} is {dim}D: only 2D images and 3D volumes can be segmented",
+            "Extract one 3D volume (one time point) first, e.g. with Slicer's 'Sequences' module",
+        )
+    array = sitk.GetArrayFromImage(image)
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        if dim == 3 or components not in (3, 4):
+            raise InputError(
+                f"{source or 'The image'} has {components} components per voxel: "
+                "a multi-component (vector) volume cannot be segmented",
+                "Extract one component first (SimpleITK VectorIndexSelectionCast, or Slicer's 'Vector to Scalar Volume')",
+            )
+        array = array[..., :3]  # drop alpha
+    spacing, origin = list(image.GetSpacing()), list(image.GetOrigin())
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)
+    if dim == 2:
+        array = array[None]
+        spacing, origin = spacing + [1.0], origin + [0.0]
+        d3 = np.eye(3)
+        d3[:2, :2] = direction
+        direction = d3
+    return Volume(array, tuple(spacing), tuple(origin), direction, source)
+
+
+def volume_to_sitk(volume: Volume, array: np.ndarray | None = None, *, vector: bool = False):
+    """An array on ``volume``'s grid -> ``SimpleITK.Image`` with that exact geometry."""
+    sitk = _sitk()
+    array = volume.array if array is None else array
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=vector or array.ndim == 4)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction.ravel().tolist())
+    return image
+
+
+def read_image(path) -> Volume:
+    """Read a NIfTI/NRRD/MHA/... file, a DICOM series folder or a 2D PNG/JPG as a ``Volume``."""
+    sitk = _sitk()
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"Input not found: {p}", "Check the path (a file, or a folder holding one DICOM series)")
+    try:
+        if p.is_dir():
+            image = _read_dicom_series(p)
+        else:
+            image = sitk.ReadImage(str(p))
+    except InputError:
+        raise
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise InputError(
+            f"Cannot read {p}: not an image SimpleITK understands or the file is damaged ({first[:120]})",
+            "Convert it to NIfTI/NRRD, or check that the download/copy is complete",
+        ) from e
+    volume = volume_from_sitk(image, source=p.name)
+    volume.validate()
+    return volume
+
+
+def _read_dicom_series(folder: Path):
+    sitk = _sitk()
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+    if not series:
+        raise InputError(f"No DICOM series found in folder {folder}", "Point at a folder that holds one DICOM series, or at an image file")
+    if len(series) > 1:
+        raise InputError(
+            f"Folder {folder} holds {len(series)} DICOM series",
+            "Put each series in its own folder (or load it in Slicer's DICOM browser and use the module)",
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def check_output_path(path, *, is_2d: bool, kind: str = "output") -> str:
+    """Fail before the model runs if the result could not be written. Returns the extension."""
+    ext = extension(path)
+    allowed = OUTPUT_EXTENSIONS if kind == "output" else LABELMAP_EXTENSIONS
+    if ext not in allowed:
+        raise InputError(
+            f"Unknown {kind} extension {ext or '(none)'!r} in {path}",
+            f"Use one of: {', '.join(allowed)}",
+        )
+    if ext == ".png" and not is_2d:
+        raise InputError("A .png output holds one 2D slice but the input is a volume", "Use .seg.nrrd or .nii.gz")
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"Output folder {parent} does not exist", "Create it first or choose another path")
+    if not os.access(parent, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"Cannot write {path}: permission denied", "Choose a folder you can write to")
+    return ext
+
+
+def write_labelmap(volume: Volume, labels: np.ndarray, path) -> None:
+    """``labels [K, J, I]`` (0 = background, i = i-th prompt) on ``volume``'s grid -> file."""
+    ext = extension(path)
+    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+    if ext == ".png":
+        _sitk().WriteImage(_sitk().GetImageFromArray((labels[0] > 0).astype(np.uint8) * 255), str(path))
+        return
+    _sitk().WriteImage(volume_to_sitk(volume, labels), str(path), useCompression=True)
+
+
+def write_probabilities(volume: Volume, probabilities: np.ndarray, path) -> None:
+    """``probabilities [P, K, J, I]`` -> float32 file; several prompts become vector components."""
+    probabilities = probabilities.astype(np.float32, copy=False)
+    array = probabilities[0] if len(probabilities) == 1 else np.moveaxis(probabilities, 0, -1)
+    _sitk().WriteImage(volume_to_sitk(volume, array, vector=len(probabilities) > 1), str(path), useCompression=True)
+
+
+# ---- 3D Slicer segmentation files (.seg.nrrd) -------------------------------------------
+
+@dataclass
+class Segmentation:
+    """Binary masks ``[S, K, J, I]`` with segment names and colours on a volume's grid."""
+
+    masks: np.ndarray
+    names: list
+    colors: list
+    grid: Volume
+
+
+def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None) -> None:
+    """Write masks ``[S, K, J, I]`` as a Slicer ``.seg.nrrd``, one segment per mask.
+
+    Non-overlapping masks share one layer (a plain labelmap other tools read too); overlapping
+    masks get one layer each, as Slicer itself writes them.
+    """
+    import nrrd
+
+    masks = np.asarray(masks).astype(bool)
+    count = len(masks)
+    colors = list(colors or [PALETTE[i % len(PALETTE)] for i in range(count)])
+    overlapping = count > 1 and (masks.sum(0) > 1).any()
+    if overlapping:
+        data = np.moveaxis(masks.astype(np.uint8), 0, -1)  # [K, J, I, S]: list axis fastest
+    else:
+        data = np.zeros(volume.shape, np.uint8)
+        for s in range(count):
+            data[masks[s]] = s + 1
+    axes = volume.direction @ np.diag(volume.spacing)  # columns: i, j, k steps in LPS mm
+    directions = axes.T
+    header = {
+        "type": "unsigned char",
+        "space": "left-posterior-superior",
+        "space origin": np.asarray(volume.origin, float),
+        "encoding": "gzip",
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+        "Segmentation_ConversionParameters": "",
+    }
+    if overlapping:
+        header["kinds"] = ["list", "domain", "domain", "domain"]
+        header["space directions"] = np.vstack([np.full(3, np.nan), directions])
+    else:
+        header["kinds"] = ["domain", "domain", "domain"]
+        header["space directions"] = directions
+    for s, name in enumerate(names):
+        idx = np.argwhere(masks[s])
+        if len(idx):
+            lo, hi = idx.min(0)[::-1], idx.max(0)[::-1]  # (i, j, k)
+            extent = " ".join(f"{a} {b}" for a, b in zip(lo, hi))
+        else:
+            extent = "0 -1 0 -1 0 -1"
+        r, g, b = colors[s]
+        header.update({
+            f"Segment{s}_ID": f"Segment_{s + 1}",
+            f"Segment{s}_Name": str(name) if str(name) else "(empty prompt)",
+            f"Segment{s}_NameAutoGenerated": "0",
+            f"Segment{s}_Color": f"{r:.6g} {g:.6g} {b:.6g}",
+            f"Segment{s}_ColorAutoGenerated": "0",
+            f"Segment{s}_LabelValue": str(1 if overlapping else s + 1),
+            f"Segment{s}_Layer": str(s if overlapping else 0),
+            f"Segment{s}_Extent": extent,
+            f"Segment{s}_Tags": "Segmentation.Status:inprogress|",
+        })
+    nrrd.write(str(path), data, header, index_order="C")
+
+
+def read_seg_nrrd(path) -> Segmentation:
+    """Read a Slicer ``.seg.nrrd`` (shared or separate layers) into binary masks."""
+    import nrrd
+
+    data, header = nrrd.read(str(path), index_order="C")
+    dirs = np.asarray(header["space directions"], float)
+    if data.ndim == 4:
+        dirs = dirs[~np.isnan(dirs).any(axis=1)]
+        data = np.moveaxis(data, -1, 0)  # [L, K, J, I]
+    else:
+        data = data[None]
+    spacing = np.linalg.norm(dirs, axis=1)
+    direction = (dirs / spacing[:, None]).T
+    if header.get("space", "left-posterior-superior") in ("right-anterior-superior", "RAS"):
+        flip = np.diag([-1.0, -1.0, 1.0])
+        direction, origin = flip @ direction, flip @ np.asarray(header["space origin"], float)
+    else:
+        origin = np.asarray(header["space origin"], float)
+    # Slicer may crop to the segments' extent; "space origin" is then the cropped grid's origin.
+    grid = Volume(np.zeros(data.shape[1:], np.uint8), tuple(spacing), tuple(origin), direction, Path(path).name)
+    names, colors, masks = [], [], []
+    s = 0
+    while f"Segment{s}_ID" in header:
+        layer = int(header.get(f"Segment{s}_Layer", 0))
+        value = int(header.get(f"Segment{s}_LabelValue", 1))
+        names.append(header.get(f"Segment{s}_Name", f"Segment_{s + 1}"))
+        colors.append(tuple(float(c) for c in header.get(f"Segment{s}_Color", "0.5 0.5 0.5").split()))
+        masks.append(data[layer] == value)
+        s += 1
+    return Segmentation(np.asarray(masks, bool).reshape((len(masks),) + grid.shape), names, colors, grid)

@@ -1,0 +1,105 @@
+"""The one small interface every VLSM implements: encode text, encode images, decode.
+
+The split is what makes prompt refinement instant: image features do not depend on the
+text, so the engine caches them and a new prompt runs only ``decode``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("medvlsm")
+
+SPEC_FILE = "medvlsm.json"
+
+
+@dataclass
+class ModelSpec:
+    """What the engine needs to know to feed a model (one per registry entry / model folder)."""
+
+    name: str
+    arch: str
+    input_size: int = 352
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    threshold: float = 0.5
+    text_tokens: int = 77
+    source: str = ""
+    licence: str = ""
+    description: str = ""
+    parameters_m: float = 0.0
+    weights_files: list = field(default_factory=list)
+    trained: bool = True  # False for random weights (tests, `medvlsm init`): masks are meaningless
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, folder) -> None:
+        data = {k: v for k, v in asdict(self).items() if k != "weights_files"}
+        Path(folder, SPEC_FILE).write_text(json.dumps(data, indent=2))
+
+
+def clean_prompt(prompt: str) -> tuple[str, list[str]]:
+    """Normalise whitespace/unicode; return the prompt and warnings to show the user."""
+    warnings = []
+    text = unicodedata.normalize("NFC", str(prompt))
+    text = " ".join("".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text).split())
+    if not text:
+        warnings.append("Empty prompt (the paper's p0): the model segments from the image alone, without text guidance.")
+    elif not text.isascii():
+        warnings.append(f"Prompt {text!r} has non-English characters: the CLIP text encoders were trained on English, "
+                        "results may be unreliable; an English prompt is safer.")
+    return text, warnings
+
+
+class VLSM(torch.nn.Module):
+    """A text-promptable 2D segmentation model.
+
+    Subclasses implement the three stages; shapes use B images, P prompts, S = input size.
+    """
+
+    spec: ModelSpec
+
+    def tokenize(self, prompts: list[str]) -> dict:
+        """Token ids ``[P, L]`` and attention mask, truncated to ``spec.text_tokens`` with a warning."""
+        tok = self.tokenizer
+        full = tok(list(prompts), padding=False, truncation=False)["input_ids"]
+        for p, ids in zip(prompts, full):
+            if len(ids) > self.spec.text_tokens:
+                log.warning(
+                    "Prompt %r is %d tokens long; %s reads at most %d, the rest is ignored. Shorten the prompt.",
+                    p[:60] + "...", len(ids), self.spec.name, self.spec.text_tokens,
+                )
+        enc = tok(list(prompts), padding=True, truncation=True, max_length=self.spec.text_tokens, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> text embeddings ``[P, D]``."""
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normalised images ``[B, 3, S, S]`` -> prompt-independent features, each ``[B, ...]``."""
+        raise NotImplementedError
+
+    def decode(self, features: tuple[torch.Tensor, ...], text: torch.Tensor) -> torch.Tensor:
+        """Features of B images and ``text [P, D]`` -> logits ``[B, P, S, S]``."""
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode_images(pixels), text)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save_pretrained(self, folder) -> None:
+        """One checkpoint format: transformers' folder + tokenizer + ``medvlsm.json``."""
+        raise NotImplementedError

@@ -1,0 +1,118 @@
+"""CLIPSeg (Lüddecke & Ecker, CVPR 2022) on transformers' ``CLIPSegForImageSegmentation``.
+
+Differences from calling the transformers model directly, all output-preserving
+(``Testing/test_models.py`` checks equality with the plain forward):
+
+- the vision encoder stops after the deepest layer the decoder reads (``extract_layers``):
+  layers 10 and 11 of ViT-B/16 never reach the output (~16 % of the FLOPs);
+- the decoder's per-layer ``reduces`` projections (768 -> 64) do not depend on the text, so
+  they belong to the image features: the cache is 12x smaller and a new prompt runs only the
+  64-wide decoder;
+- the text is encoded once per prompt and broadcast over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ModelSpec, VLSM
+
+
+def clipseg_config(size: str = "full"):
+    """The CLIPSeg architecture: ``full`` = CIDAS/clipseg-rd64-refined, ``tiny`` for fast tests."""
+    from transformers import CLIPSegConfig
+
+    if size == "full":
+        text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
+        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        extra = dict(projection_dim=512, reduce_dim=64, extract_layers=[3, 6, 9], decoder_num_attention_heads=4,
+                     decoder_intermediate_size=2048, use_complex_transposed_convolution=True)
+    elif size == "small":
+        text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+        vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2)
+        extra = dict(projection_dim=64, reduce_dim=32, extract_layers=[1, 2, 3], decoder_num_attention_heads=2,
+                     decoder_intermediate_size=128, use_complex_transposed_convolution=False)
+    elif size == "tiny":
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        extra = dict(projection_dim=32, reduce_dim=16, extract_layers=[0, 1], decoder_num_attention_heads=2,
+                     decoder_intermediate_size=64, use_complex_transposed_convolution=True)
+    else:
+        raise ValueError(f"unknown size {size!r}: full, small or tiny")
+    text.update(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    vision.update(image_size=224, patch_size=16)
+    return CLIPSegConfig(text_config=text, vision_config=vision, conditional_layer=0, **extra)
+
+
+class CLIPSeg(VLSM):
+    def __init__(self, hf_model, tokenizer, spec: ModelSpec):
+        super().__init__()
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.extract_layers = list(hf_model.config.extract_layers)
+
+    @classmethod
+    def random(cls, size: str = "full", name: str | None = None, seed: int = 0) -> "CLIPSeg":
+        """Random weights from the config (no hub): for tests, benchmarks and training from scratch."""
+        from transformers import CLIPSegForImageSegmentation
+
+        from .tokenizer import clip_tokenizer
+
+        torch.manual_seed(seed)
+        hf = CLIPSegForImageSegmentation(clipseg_config(size)).eval()
+        spec = ModelSpec(name=name or f"clipseg-{size}-random", arch="clipseg", trained=False,
+                         description=f"CLIPSeg {size} architecture, random weights")
+        return cls(hf, clip_tokenizer(), spec)
+
+    @classmethod
+    def from_folder(cls, folder, spec: ModelSpec) -> "CLIPSeg":
+        from transformers import AutoTokenizer, CLIPSegForImageSegmentation
+
+        hf = CLIPSegForImageSegmentation.from_pretrained(str(folder), local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return cls(hf, tok, spec)
+
+    def save_pretrained(self, folder) -> None:
+        self.hf.save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        self.spec.save(folder)
+
+    # -- the three stages ------------------------------------------------------------------
+    def encode_text(self, prompts):
+        tokens = {k: v.to(self.device) for k, v in self.tokenize(prompts).items()}
+        return self.hf.clip.get_text_features(**tokens).pooler_output
+
+    def encode_images(self, pixels):
+        vision = self.hf.clip.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixels, interpolate_pos_encoding=True))
+        wanted = {layer: i for i, layer in enumerate(self.extract_layers)}
+        activations = [None] * len(wanted)
+        for index, layer in enumerate(vision.encoder.layers[: max(self.extract_layers) + 1]):
+            hidden = layer(hidden, None)
+            if index in wanted:
+                activations[wanted[index]] = hidden
+        # The decoder consumes activations deepest first, each through its own reduce.
+        reduces = self.hf.decoder.reduces
+        return tuple(reduce(act) for act, reduce in zip(activations[::-1], reduces))
+
+    def decode(self, features, text):
+        decoder = self.hf.decoder
+        batch, prompts = features[0].shape[0], text.shape[0]
+        text = text.to(features[0].dtype)
+
+        def per_prompt(x):  # [B, T, R] -> [B * P, T, R], image-major
+            return x[:, None].expand(batch, prompts, *x.shape[1:]).reshape(batch * prompts, *x.shape[1:])
+
+        cond = text[None].expand(batch, prompts, text.shape[1]).reshape(batch * prompts, text.shape[1])
+        output = None
+        for i, (reduced, layer) in enumerate(zip(features, decoder.layers)):
+            output = per_prompt(reduced) if output is None else per_prompt(reduced) + output
+            if i == decoder.conditional_layer:
+                output = decoder.film_mul(cond)[:, None] * output + decoder.film_add(cond)[:, None]
+            output = layer(output, None)
+        output = output[:, 1:, :].transpose(1, 2)
+        side = int(round(output.shape[2] ** 0.5))
+        output = output.reshape(batch * prompts, output.shape[1], side, side)
+        logits = decoder.transposed_convolution(output)
+        return logits.reshape(batch, prompts, *logits.shape[-2:])

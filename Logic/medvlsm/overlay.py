@@ -1,0 +1,60 @@
+"""A PNG montage of a few slices with the masks drawn on them (a quick look without a viewer)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .io import PALETTE
+from .preprocess import choose_window
+from .volume import SliceView
+
+
+def pick_slices(masks_view: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` slice indices, spread over the slices that hold a mask (else over all)."""
+    n = masks_view.shape[1]
+    hit = np.flatnonzero(masks_view.reshape(masks_view.shape[0], n, -1).any(axis=(0, 2)))
+    pool = hit if len(hit) else np.arange(n)
+    idx = np.linspace(0, len(pool) - 1, min(count, len(pool))).round().astype(int)
+    return sorted(set(int(pool[i]) for i in idx))
+
+
+def save_overlay(volume, masks: np.ndarray, names, path, *, plane: str = "axial", window: str = "auto",
+                 count: int = 6, title: str = "", colors=None) -> None:
+    """Draw ``masks [P, K, J, I]`` over ``volume`` in display orientation of ``plane``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    view = SliceView(volume, plane)
+    image = view.view(volume.array)
+    masks_view = np.stack([view.view(m) for m in masks]) if len(masks) else np.zeros((0,) + image.shape[:3], bool)
+    intensity = choose_window(volume, window)
+    colors = list(colors or [PALETTE[i % len(PALETTE)] for i in range(len(masks))])
+    chosen = pick_slices(masks_view, count)
+    cols = min(3, len(chosen))
+    rows = int(np.ceil(len(chosen) / cols))
+    aspect = view.pixel_spacing[0] / view.pixel_spacing[1]
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, s in zip(axes.ravel(), chosen):
+        img = np.clip((image[s].astype(np.float32) - intensity.low) / (intensity.high - intensity.low), 0, 1)
+        ax.imshow(img, cmap=None if img.ndim == 3 else "gray", aspect=aspect, interpolation="nearest")
+        for p in range(len(masks_view)):
+            m = masks_view[p, s]
+            if m.any():
+                ax.imshow(np.ma.masked_where(~m, m), cmap=ListedColormap([colors[p]]), alpha=0.45,
+                          aspect=aspect, interpolation="nearest")
+                ax.contour(m.astype(float), levels=[0.5], colors=[colors[p]], linewidths=1.0)
+        ax.set_title(f"{plane} slice {s}", fontsize=9)
+    handles = [Patch(color=colors[p], label=str(names[p]) or "(empty prompt)") for p in range(len(names))]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11, color="darkred" if "UNTRAINED" in title else "black")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.savefig(str(path), dpi=90)
+    plt.close(fig)
