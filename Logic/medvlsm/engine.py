@@ -227,6 +227,7 @@ class Engine:
                         fresh.append(features)
                 logits = self.model.decode(features, text)
                 probs = torch.sigmoid(box.restore(logits)).cpu().numpy()
+                del features, logits  # free this batch's activations before the next one is encoded
             for p in range(len(cleaned)):
                 targets[p][s:e] = probs[:, p]
             if progress is not None:

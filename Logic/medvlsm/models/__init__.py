@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..resources import resource
-from .base import SPEC_FILE, ModelSpec, VLSM
+from .spec import SPEC_FILE, ModelSpec
 
 log = logging.getLogger("medvlsm")
 
@@ -91,7 +91,7 @@ def check_folder(folder: Path) -> None:
                              "Copy the real file (git lfs pull, or download it again)")
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, allow_download: bool = True) -> VLSM:
+def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, allow_download: bool = True):
     """A ready model in eval mode on ``device``. Raises ``ModelError`` with the fix on any failure."""
     name_or_path = str(name_or_path or default_model_name())
     path = Path(name_or_path).expanduser()

@@ -6,46 +6,14 @@ text, so the engine caches them and a new prompt runs only ``decode``.
 
 from __future__ import annotations
 
-import json
 import logging
 import unicodedata
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
+from .spec import SPEC_FILE, ModelSpec  # noqa: F401  (re-exported: models import both from here)
+
 log = logging.getLogger("medvlsm")
-
-SPEC_FILE = "medvlsm.json"
-
-
-@dataclass
-class ModelSpec:
-    """What the engine needs to know to feed a model (one per registry entry / model folder)."""
-
-    name: str
-    arch: str
-    input_size: int = 352
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    threshold: float = 0.5
-    text_tokens: int = 77
-    source: str = ""
-    licence: str = ""
-    description: str = ""
-    parameters_m: float = 0.0
-    weights_files: list = field(default_factory=list)
-    trained: bool = True  # False for random weights (tests, `medvlsm init`): masks are meaningless
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def save(self, folder) -> None:
-        data = {k: v for k, v in asdict(self).items() if k != "weights_files"}
-        Path(folder, SPEC_FILE).write_text(json.dumps(data, indent=2))
-
 
 def clean_prompt(prompt: str) -> tuple[str, list[str]]:
     """Normalise whitespace/unicode; return the prompt and warnings to show the user."""

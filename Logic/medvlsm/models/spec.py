@@ -1,0 +1,39 @@
+"""What a model needs to be fed: the registry entry / ``medvlsm.json`` of a model folder (no torch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SPEC_FILE = "medvlsm.json"
+
+
+@dataclass
+class ModelSpec:
+    """What the engine needs to know to feed a model (one per registry entry / model folder)."""
+
+    name: str
+    arch: str
+    input_size: int = 352
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    threshold: float = 0.5
+    text_tokens: int = 77
+    source: str = ""
+    licence: str = ""
+    description: str = ""
+    parameters_m: float = 0.0
+    weights_files: list = field(default_factory=list)
+    trained: bool = True  # False for random weights (tests, `medvlsm init`): masks are meaningless
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, folder) -> None:
+        data = {k: v for k, v in asdict(self).items() if k != "weights_files"}
+        Path(folder, SPEC_FILE).write_text(json.dumps(data, indent=2))
+
+
