@@ -108,9 +108,10 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
     import numpy as np
 
     from . import io
-    from .engine import Engine
+    from .engine import Engine, plan, resolve_device
     from .errors import InputError
     from .postprocess import PostProcess, labelmap
+    from .preprocess import choose_window
 
     volume = io.read_image(input_path)
     is_2d = volume.shape[0] == 1
@@ -119,15 +120,22 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
         io.check_output_path(probabilities, is_2d=is_2d, kind="probabilities")
     if overlay and io.extension(overlay) != ".png":
         raise InputError(f"--overlay {overlay} must be a .png file", "Give a path ending in .png")
+    # Every option is checked before the (slow) model load.
+    slices = _parse_slices(args.slices)
+    plan(volume, args.axis, slices)
+    choose_window(volume, args.window)
+    device = resolve_device(args.device)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"Batch size {args.batch_size} must be at least 1", "Use --batch-size 1 or more")
     if model is None:
         from .models import load_model
 
         model = load_model(args.model)
-    engine = Engine(model, device=args.device, precision=args.precision, batch_size=args.batch_size)
+    engine = Engine(model, device=device, precision=args.precision, batch_size=args.batch_size)
     update, close = _progress_bar(args.quiet, "segmenting")
     try:
         result = engine.segment(volume, prompts, plane=args.axis, window=args.window, resize=args.resize,
-                                slices=_parse_slices(args.slices), progress=update)
+                                slices=slices, progress=update)
     finally:
         close()
     post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)

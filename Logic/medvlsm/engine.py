@@ -109,6 +109,17 @@ class SegmentationResult:
         return postprocess.labelmap(self.masks(threshold, post), self.probabilities)
 
 
+def plan(volume: Volume, plane: str | None = None, slices: tuple | None = None) -> tuple[SliceView, int, int]:
+    """Validate a request before any model work: the volume, the plane, the slice range."""
+    volume.validate()
+    view = SliceView(volume, plane or default_plane(volume))
+    start, stop = slices if slices is not None else (0, view.num_slices)
+    if not (0 <= start < stop <= view.num_slices):
+        raise InputError(f"Slice range {start}:{stop} is outside the {view.num_slices} {view.plane} slices",
+                         f"Choose START:STOP within 0:{view.num_slices}")
+    return view, start, stop
+
+
 class Engine:
     """Runs a ``VLSM`` over volumes. Thread-safe for one run at a time (the Slicer worker)."""
 
@@ -117,7 +128,7 @@ class Engine:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = resolve_dtype(self.device, precision)
         self.model = model.to(self.device).eval()
-        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        self.batch_size = batch_size if batch_size is not None else (32 if self.device.type == "cuda" else 8)
         if self.batch_size < 1:
             raise InputError(f"Batch size {self.batch_size} must be at least 1", "Use --batch-size 1 or more")
         self.cache_bytes = cache_bytes
@@ -181,18 +192,13 @@ class Engine:
             prompts = [prompts]
         if not prompts:
             raise InputError("No prompt given", "Give at least one --prompt (\"\" is the paper's empty prompt p0)")
-        volume.validate()
         warnings, cleaned = [], []
         for p in prompts:
             text, w = clean_prompt(p)
             cleaned.append(text)
             warnings += w
-        plane = plane or default_plane(volume)
-        view = SliceView(volume, plane)
-        start, stop = slices if slices is not None else (0, view.num_slices)
-        if not (0 <= start < stop <= view.num_slices):
-            raise InputError(f"Slice range {start}..{stop - 1} is outside the {view.num_slices} {plane} slices",
-                             f"Choose slices between 0 and {view.num_slices - 1}")
+        view, start, stop = plan(volume, plane, slices)
+        plane = view.plane
         spec = self.model.spec
         intensity = choose_window(volume, window)
         box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, spec.input_size, resize)

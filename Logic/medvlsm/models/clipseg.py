@@ -18,6 +18,14 @@ import torch
 from .base import ModelSpec, VLSM
 
 
+def quiet_transformers() -> None:
+    """No progress bars or info chatter from transformers: our CLI and panel report progress themselves."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def clipseg_config(size: str = "full"):
     """The CLIPSeg architecture: ``full`` = CIDAS/clipseg-rd64-refined, ``tiny`` for fast tests."""
     from transformers import CLIPSegConfig
@@ -59,6 +67,7 @@ class CLIPSeg(VLSM):
 
         from .tokenizer import clip_tokenizer
 
+        quiet_transformers()
         torch.manual_seed(seed)
         hf = CLIPSegForImageSegmentation(clipseg_config(size)).eval()
         spec = ModelSpec(name=name or f"clipseg-{size}-random", arch="clipseg", trained=False,
@@ -69,6 +78,7 @@ class CLIPSeg(VLSM):
     def from_folder(cls, folder, spec: ModelSpec) -> "CLIPSeg":
         from transformers import AutoTokenizer, CLIPSegForImageSegmentation
 
+        quiet_transformers()
         hf = CLIPSegForImageSegmentation.from_pretrained(str(folder), local_files_only=True).eval()
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         return cls(hf, tok, spec)

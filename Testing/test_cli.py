@@ -1,0 +1,200 @@
+"""The `medvlsm` command: outputs, summary, and one clear line for every bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import blobs, rotation, sha
+
+from medvlsm import io
+from medvlsm.cli import main
+from medvlsm.volume import Volume
+
+
+@pytest.fixture
+def ct_file(tmp_path):
+    v = Volume(blobs((5, 32, 40)), (0.8, 0.8, 2.5), (10, -20, 30), rotation(0, 0, 15))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(io.volume_to_sitk(v), str(path))
+    return path
+
+
+def run(argv, capsys):
+    code = main(["--quiet"] + [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_segment_writes_every_format_on_the_input_grid(tmp_path, ct_file, tiny_model_dir, capsys):
+    before = sha(ct_file)
+    code, out, err = run(["segment", ct_file, "-p", "liver", "-p", "spleen", "--model", tiny_model_dir,
+                          "--output", tmp_path / "s.seg.nrrd", "--probabilities", tmp_path / "p.nii.gz",
+                          "--overlay", tmp_path / "o.png", "--precision", "fp32"], capsys)
+    assert code == 0, err
+    assert "liver:" in out and "spleen:" in out and "5 axial slices" in out and "cpu" in out
+    assert "untrained" in err.lower()
+    seg = io.read_seg_nrrd(tmp_path / "s.seg.nrrd")
+    src = sitk.ReadImage(str(ct_file))
+    assert seg.names == ["liver", "spleen"] and seg.masks.shape == (2, 5, 32, 40)
+    np.testing.assert_allclose(seg.grid.ijk_to_lps()[:3, :3].ravel(),
+                               (np.reshape(src.GetDirection(), (3, 3)) @ np.diag(src.GetSpacing())).ravel(), atol=1e-5)
+    probs = sitk.ReadImage(str(tmp_path / "p.nii.gz"))
+    assert probs.GetNumberOfComponentsPerPixel() == 2 and probs.GetSize() == src.GetSize()
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "--output",
+                        tmp_path / "l.nrrd", "--axis", "coronal", "--keep-largest"], capsys)
+    assert code == 0, err
+    labels = sitk.ReadImage(str(tmp_path / "l.nrrd"))
+    assert labels.GetSize() == src.GetSize() and np.allclose(labels.GetOrigin(), src.GetOrigin())
+    assert sha(ct_file) == before  # the input is never modified
+
+
+def test_2d_png_in_png_out(tmp_path, tiny_model_dir, capsys):
+    rgb = np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "frame.png"))
+    code, out, err = run(["segment", tmp_path / "frame.png", "-p", "one small pink round polyp in the center",
+                          "--model", tiny_model_dir, "-o", tmp_path / "mask.png"], capsys)
+    assert code == 0, err
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.png")))
+    assert mask.shape == (40, 50)
+
+
+def test_models_and_init(tmp_path, capsys):
+    code, out, _ = run(["models"], capsys)
+    assert code == 0 and "clipseg-rd64-refined" in out and "(default)" in out and "Apache-2.0" in out
+    code, out, _ = run(["init", "--size", "tiny", "--output", tmp_path / "m"], capsys)
+    assert code == 0 and (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "medvlsm.json").is_file()
+
+
+def test_console_script_is_installed():
+    out = subprocess.run(["medvlsm", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "segment" in out.stdout
+
+
+def test_demo_runs_on_the_bundled_ct(tmp_path, tiny_model_dir, capsys):
+    code, out, err = run(["demo", "--output", tmp_path / "demo", "--model", tiny_model_dir], capsys)
+    assert code == 0, err
+    for name in ("demo.seg.nrrd", "demo_labels.nii.gz", "demo_overlay.png"):
+        assert (tmp_path / "demo" / name).is_file()
+    labels = sitk.ReadImage(str(tmp_path / "demo" / "demo_labels.nii.gz"))
+    assert labels.GetSize() == (256, 256, 24)
+
+
+def test_demo_offline_says_how_to_point_at_a_local_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, _, err = run(["demo", "--output", tmp_path / "demo"], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--model" in lines[0] and "cache" in lines[0]
+
+
+# ---- bad input: one line, exit 2, nothing written ----------------------------------------------
+
+def write(path, array, vector=False, spacing=None):
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    if spacing:
+        image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+BAD_INPUTS = {
+    "missing file": (lambda t: t / "nope.nii.gz", "not found"),
+    "unreadable file": (lambda t: (t / "junk.nii.gz").write_bytes(b"not an image at all" * 10) and t / "junk.nii.gz",
+                        "Cannot read"),
+    "4D volume": (lambda t: write(t / "4d.nii.gz", np.zeros((2, 3, 8, 8), np.int16)), "4D"),
+    "vector volume": (lambda t: write(t / "vec.nrrd", np.zeros((3, 8, 8, 2), np.float32), vector=True), "components"),
+    "NaN voxels": (lambda t: write(t / "nan.nrrd", np.where(np.eye(8)[None] > 0, np.nan, 0).astype(np.float32)),
+                   "NaN"),
+    "one voxel": (lambda t: write(t / "one.nrrd", np.zeros((1, 1, 1), np.int16)), "too small"),
+    "empty folder": (lambda t: (t / "empty").mkdir() or t / "empty", "No DICOM series"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs(tmp_path, tiny_model_dir, capsys, case):
+    make, expected = BAD_INPUTS[case]
+    path = make(tmp_path)
+    code, out, err = run(["segment", path, "-p", "liver", "--model", tiny_model_dir, "-o", tmp_path / "o.nii.gz"],
+                         capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith("error:") and expected in err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_wrong_plane_for_a_2d_image(tmp_path, tiny_model_dir, capsys):
+    write(tmp_path / "x.png", np.zeros((20, 20), np.uint8))
+    code, _, err = run(["segment", tmp_path / "x.png", "-p", "a", "--model", tiny_model_dir, "-o",
+                        tmp_path / "o.png", "--axis", "coronal"], capsys)
+    assert code == 2 and "--axis axial" in err
+
+
+@pytest.mark.parametrize("prompt,warning", [("", "p0"), ("rein gauche é", "English"),
+                                            ("polyp " * 100, "Shorten")])
+def test_questionable_prompts_warn_but_run(tmp_path, ct_file, tiny_model_dir, capsys, prompt, warning):
+    code, _, err = run(["segment", ct_file, "-p", prompt, "--model", tiny_model_dir, "-o", tmp_path / "o.nii.gz"],
+                       capsys)
+    assert code == 0 and warning in err and (tmp_path / "o.nii.gz").is_file()
+
+
+def _corrupt_no_weights(folder):
+    (folder / "model.safetensors").unlink()
+
+
+def _corrupt_truncated(folder):
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:5000])
+
+
+def _corrupt_lfs_pointer(folder):
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n")
+
+
+def _corrupt_config(folder):
+    (folder / "config.json").write_text("{ this is not json")
+
+
+def _corrupt_tokenizer(folder):
+    (folder / "tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize("corrupt,expected", [
+    (_corrupt_no_weights, "no weights"), (_corrupt_truncated, "Cannot load"), (_corrupt_lfs_pointer, "LFS pointer"),
+    (_corrupt_config, "config.json"), (_corrupt_tokenizer, "tokenizer")])
+def test_corrupt_model_folder(tmp_path, ct_file, tiny_model, capsys, corrupt, expected):
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    corrupt(folder)
+    code, _, err = run(["segment", ct_file, "-p", "x", "--model", folder, "-o", tmp_path / "o.nii.gz"], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "no-such-model"], "Unknown model"),
+    (["--model", "/no/such/folder"], "does not exist"),
+    (["-o", "{tmp}/out.jpg"], "Unknown output extension"),
+    (["-o", "{tmp}/missing/out.nii.gz"], "does not exist"),
+    (["--window", "40,x"], "LEVEL,WIDTH"),
+    (["--slices", "5-9"], "START:STOP"),
+    (["--slices", "3:99"], "outside"),
+    (["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "quantum"], "device"),
+    (["--overlay", "{tmp}/o.jpg"], ".png"),
+    (["--batch-size", "0"], "Batch size"),
+])
+def test_bad_options(tmp_path, ct_file, tiny_model_dir, capsys, args, expected):
+    argv = ["segment", ct_file, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "o.nii.gz"]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "medvlsm.cli", "--debug", "segment", str(tmp_path / "missing.nii"),
+                          "-p", "x", "--model", str(tiny_model_dir), "-o", str(tmp_path / "o.nii.gz")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "Traceback" in out.stderr

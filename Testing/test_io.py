@@ -1,0 +1,106 @@
+"""Files keep the geometry: labelmaps, probabilities and .seg.nrrd read back at the right place."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import blobs, rotation
+
+from medvlsm import io
+from medvlsm.errors import InputError
+from medvlsm.volume import Volume
+
+
+@pytest.fixture
+def oblique_volume():
+    return Volume(blobs((6, 20, 24)), (0.7, 0.9, 3.0), (-12.5, 40.0, 101.0), rotation(10, -20, 25) @ np.diag([1, -1, 1]))
+
+
+def assert_same_geometry(image, volume, tol=1e-5):
+    np.testing.assert_allclose(image.GetSpacing(), volume.spacing, atol=tol)
+    np.testing.assert_allclose(image.GetOrigin(), volume.origin, atol=tol)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), volume.direction, atol=tol)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_labelmap_round_trip(tmp_path, oblique_volume, ext):
+    labels = (oblique_volume.array > 0).astype(np.uint8) + (oblique_volume.array > 300)
+    path = tmp_path / f"labels{ext}"
+    io.write_labelmap(oblique_volume, labels, path)
+    image = sitk.ReadImage(str(path))
+    assert_same_geometry(image, oblique_volume, tol=1e-4 if ext.startswith(".nii") else 1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    # a labelled voxel is at the physical point it came from
+    k, j, i = np.argwhere(labels == 2)[0]
+    expected = oblique_volume.ijk_to_lps() @ [i, j, k, 1]
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))), expected[:3], atol=1e-3)
+
+
+def test_probabilities_one_component_per_prompt(tmp_path, oblique_volume):
+    probs = np.random.default_rng(0).random((2,) + oblique_volume.shape).astype(np.float32)
+    io.write_probabilities(oblique_volume, probs, tmp_path / "p.nrrd")
+    image = sitk.ReadImage(str(tmp_path / "p.nrrd"))
+    assert image.GetNumberOfComponentsPerPixel() == 2 and image.GetPixelID() == sitk.sitkVectorFloat32
+    np.testing.assert_array_equal(np.moveaxis(sitk.GetArrayFromImage(image), -1, 0), probs)
+    assert_same_geometry(image, oblique_volume)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["shared-layer", "one-layer-per-segment"])
+def test_seg_nrrd_round_trip(tmp_path, oblique_volume, overlap):
+    a = oblique_volume.array > 0
+    b = oblique_volume.array > 300 if overlap else np.zeros_like(a)
+    if not overlap:
+        b[0, :3, :3] = True
+        a = a & ~b
+    path = tmp_path / "s.seg.nrrd"
+    io.write_seg_nrrd(oblique_volume, np.stack([a, b]), ["liver", "left kidney"], path)
+    seg = io.read_seg_nrrd(path)
+    assert seg.names == ["liver", "left kidney"]
+    np.testing.assert_array_equal(seg.masks, np.stack([a, b]))
+    assert seg.grid.same_grid(oblique_volume)
+    if not overlap:  # a shared-layer file is a plain labelmap any ITK tool reads at the right place
+        image = sitk.ReadImage(str(path))
+        assert_same_geometry(image, oblique_volume)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), a * 1 + b * 2)
+
+
+def test_2d_rgb_png_is_a_one_slice_volume(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "x.png"))
+    v = io.read_image(tmp_path / "x.png")
+    assert v.array.shape == (1, 30, 40, 3) and v.is_rgb
+    io.write_labelmap(v, (v.array[..., 0] > 128).astype(np.uint8), tmp_path / "m.png")
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m.png")))
+    assert back.shape == (30, 40) and set(np.unique(back)) <= {0, 255}
+
+
+def test_dicom_series_folder(tmp_path):
+    # DICOM stacks slices along the cross product of the row/column directions: right-handed only
+    oblique_volume = Volume(blobs((6, 20, 24)), (0.7, 0.9, 3.0), (-12.5, 40.0, 101.0), rotation(10, -20, 25))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    image = io.volume_to_sitk(oblique_volume)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125.1"
+    for k in range(image.GetDepth()):
+        s = image[:, :, k]
+        for tag, value in (("0020|000e", uid), ("0020|0013", str(k + 1)), ("0008|0060", "CT"),
+                           ("0020|0037", "\\".join(f"{v:.8f}" for v in oblique_volume.direction[:, :2].T.ravel())),
+                           ("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))))):
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+    v = io.read_image(folder)
+    assert v.shape == oblique_volume.shape
+    np.testing.assert_array_equal(v.array, oblique_volume.array)
+    np.testing.assert_allclose(v.ijk_to_lps(), oblique_volume.ijk_to_lps(), atol=1e-3)
+
+
+def test_output_path_checks(tmp_path):
+    with pytest.raises(InputError, match="Unknown output extension"):
+        io.check_output_path(tmp_path / "x.jpg", is_2d=True)
+    with pytest.raises(InputError, match="does not exist"):
+        io.check_output_path(tmp_path / "missing" / "x.nii.gz", is_2d=False)
+    with pytest.raises(InputError, match="2D slice"):
+        io.check_output_path(tmp_path / "x.png", is_2d=False)
+    assert io.check_output_path(tmp_path / "x.seg.nrrd", is_2d=False) == ".seg.nrrd"
