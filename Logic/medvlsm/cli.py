@@ -66,6 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a registry model into the Hugging Face cache (checksummed)")
     dl.add_argument("name")
 
+    pr = sub.add_parser("prompts", help="build the paper's prompt ladder p0..p9 from attributes (or a mask)")
+    pr.add_argument("--class", dest="cls", help="what the target is, e.g. polyp")
+    pr.add_argument("--shape", default="")
+    pr.add_argument("--color", "--colour", dest="color", default="")
+    pr.add_argument("--size", default="", help="tiny, small, medium or large (derived from --mask if given)")
+    pr.add_argument("--number", default="", help="how many, as a word or a number (derived from --mask if given)")
+    pr.add_argument("--location", default="", help="e.g. 'top left' (derived from --mask if given)")
+    pr.add_argument("--description", action="append", default=[], help="repeat for p7..p9 variants")
+    pr.add_argument("--mask", help="a 2D mask file: number, size and location are derived from it")
+    pr.add_argument("--attributes", help="a JSON list of attribute objects -> a JSON list of ladders")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of one line per type")
+
+    ev = sub.add_parser("evaluate", help="score masks (any tool) or a model per prompt type")
+    ev.add_argument("--predictions", help="folder of predicted masks (any tool)")
+    ev.add_argument("--ground-truth", help="folder of reference masks, matched by file name")
+    ev.add_argument("--data", help="annotation JSON in the paper's format (runs --model)")
+    ev.add_argument("--images", help="image folder of --data")
+    ev.add_argument("--masks", help="mask folder of --data")
+    ev.add_argument("--prompt-type", nargs="+", default=["p1"], help="prompt types to evaluate (p0..p9)")
+    ev.add_argument("--robustness", action="store_true", help="also: Dice gain over empty/unrelated prompts, "
+                    "false positives on empty images")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
+    ev.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    ev.add_argument("--output", "-o", required=True, help="results .csv; .md, box plot and overlays go beside it")
+    _add_segment_options(ev)
+
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
     init.add_argument("--arch", default="clipseg", choices=["clipseg"])
     init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
@@ -227,7 +253,102 @@ def cmd_init(args):
     print(f"Wrote {args.arch} ({args.size}, {n:.2f} M parameters, random weights) to {args.output}")
 
 
-COMMANDS = {"segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download, "init": cmd_init}
+def cmd_prompts(args):
+    import json
+
+    from .errors import InputError
+    from .prompts import Attributes, geometry_attributes, ladder
+
+    if args.attributes:
+        try:
+            entries = json.loads(Path(args.attributes).read_text())
+            ladders = [ladder(Attributes.from_dict(e)) for e in entries]
+        except (OSError, ValueError, TypeError) as e:
+            raise InputError(f"Cannot use {args.attributes}: {e}",
+                             "Give a JSON list of objects with class, shape, color, size, number, location, "
+                             "descriptions") from e
+        print(json.dumps(ladders, indent=2))
+        return
+    if not args.cls:
+        raise InputError("No --class given", "Say what the target is, e.g. --class polyp (or use --attributes FILE)")
+    values = {"cls": args.cls, "shape": args.shape, "color": args.color, "size": args.size, "number": args.number,
+              "location": args.location, "descriptions": args.description}
+    if args.mask:
+        from . import io
+        from .datasets import binary_mask
+
+        mask = binary_mask(io.read_image(args.mask))
+        if mask.shape[0] != 1:
+            raise InputError(f"{args.mask} is a volume", "Give a 2D mask (one slice) for --mask")
+        derived = geometry_attributes(mask[0])
+        values.update({k: v for k, v in derived.items() if not values[k]})
+    result = ladder(Attributes(**values))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        for text in value if isinstance(value, list) else [value]:
+            print(f"{key}: {text}")
+
+
+def cmd_evaluate(args):
+    from . import evaluation
+    from .errors import InputError
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".csv":
+        raise InputError(f"--output {out} must end in .csv", "The summary, plot and overlays are written beside it")
+    if not out.resolve().parent.is_dir():
+        raise InputError(f"Output folder {out.resolve().parent} does not exist", "Create it first")
+    worst = None
+    robust = None
+    if args.predictions or args.ground_truth:
+        if not (args.predictions and args.ground_truth):
+            raise InputError("--predictions and --ground-truth go together", "Give both folders")
+        rows = evaluation.evaluate_files(args.predictions, args.ground_truth, args.nsd_tolerance)
+    elif args.data:
+        if not (args.images and args.masks):
+            raise InputError("--data needs --images and --masks", "Give the image and mask folders of the JSON file")
+        from .datasets import read_annotations
+        from .engine import Engine
+        from .models import load_model
+
+        items = read_annotations(args.data, args.images, args.masks)[: args.limit]
+        bad = [t for t in args.prompt_type if t not in (f"p{i}" for i in range(10))]
+        if bad:
+            raise InputError(f"Unknown prompt type(s) {bad}", "Use p0 .. p9")
+        engine = Engine(load_model(args.model), device=args.device, precision=args.precision,
+                        batch_size=args.batch_size, cache_bytes=256 << 20)
+        update, close = _progress_bar(args.quiet, "evaluating")
+        worst = evaluation.WorstCases(3)
+        try:
+            rows = evaluation.evaluate_model(engine, items, args.prompt_type, threshold=args.threshold,
+                                             resize=args.resize if args.resize != "letterbox" else "stretch",
+                                             nsd_tolerance_mm=args.nsd_tolerance, progress=update, keep=worst)
+            if args.robustness:
+                robust = evaluation.robustness(engine, items, args.prompt_type[0], args.threshold)
+        finally:
+            close()
+    else:
+        raise InputError("Nothing to evaluate", "Give --predictions and --ground-truth, or --model with --data")
+    evaluation.write_csv(rows, out)
+    table = evaluation.summary_table(rows)
+    report = [f"# Evaluation: {out.name}", "", table]
+    if robust:
+        report += ["", "## Prompt robustness", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
+                                                     for k, v in robust.items()]
+    out.with_suffix(".md").write_text("\n".join(report) + "\n")
+    evaluation.box_plot(rows, out.with_name(out.stem + "_boxplot.png"))
+    if worst is not None:
+        worst.save(out.parent, out.stem)
+    print(table)
+    if robust:
+        print("\n".join(report[report.index("## Prompt robustness") + 2 :]))
+    print(f"Wrote {out}, {out.with_suffix('.md')}, {out.stem}_boxplot.png")
+
+
+COMMANDS = {"segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,
+            "init": cmd_init, "prompts": cmd_prompts, "evaluate": cmd_evaluate}
 
 
 class _OneLine(logging.Formatter):
@@ -249,6 +370,8 @@ def main(argv=None) -> int:
     except Cancelled as e:
         print(f"cancelled: {e}", file=sys.stderr)
         return EXIT_CANCELLED
+    except BrokenPipeError:  # output piped into `head` and closed early
+        return 0
     except KeyboardInterrupt:
         print("cancelled: interrupted; no output was written.", file=sys.stderr)
         return EXIT_CANCELLED

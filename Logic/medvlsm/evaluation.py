@@ -1,0 +1,234 @@
+"""Score segmentations: files of any tool, or a model run per prompt type, plus prompt robustness.
+
+Outputs next to ``results.csv``: ``results.md`` (mean ± std per prompt type), ``results_boxplot.png``
+and ``worst_*.png`` overlays of the worst cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+from .datasets import AnnotatedImage, binary_mask
+from .errors import InputError
+from .metrics import mean_std, score
+from .prompts import strings
+
+log = logging.getLogger("medvlsm")
+
+UNRELATED_PROMPT = "a photo of a car"
+METRICS = ("dice", "iou", "hd95", "nsd")
+
+
+# ---- files of any tool ------------------------------------------------------------------------
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for ext in (".seg.nrrd", ".nii.gz") + io.LABELMAP_EXTENSIONS + (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _read_mask(path: Path):
+    """-> (bool mask [K, J, I] of any label/segment, its grid Volume)."""
+    if io.extension(path) == ".seg.nrrd":
+        seg = io.read_seg_nrrd(path)
+        return seg.masks.any(axis=0), seg.grid
+    volume = io.read_image(path)
+    return binary_mask(volume), volume
+
+
+def _on_grid(mask: np.ndarray, grid, target):
+    """Nearest-neighbour resampling of ``mask`` (on ``grid``) onto the ``target`` grid."""
+    if grid.same_grid(target):
+        return mask
+    import SimpleITK as sitk
+
+    if grid.shape[0] == 1 and target.shape[0] == 1 and np.allclose(grid.direction, np.eye(3)):
+        # 2D images of different pixel counts: the same field of view (model-resolution outputs)
+        from PIL import Image
+
+        resized = Image.fromarray(mask[0].astype(np.uint8) * 255).resize(target.shape[:0:-1], Image.NEAREST)
+        return (np.asarray(resized) > 127)[None]
+    moving = io.volume_to_sitk(grid, mask.astype(np.uint8))
+    fixed = io.volume_to_sitk(target, np.zeros(target.shape, np.uint8))
+    return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def _spacing(volume) -> tuple:
+    """Numpy-order spacing; a one-slice volume is scored as a 2D image."""
+    s = volume.spacing[::-1]
+    return s[1:] if volume.shape[0] == 1 else s
+
+
+def evaluate_files(predictions, ground_truth, nsd_tolerance_mm: float = 2.0) -> list[dict]:
+    """One row per case found in both folders, matched by file name without extension."""
+    predictions, ground_truth = Path(predictions), Path(ground_truth)
+    for folder, what in ((predictions, "--predictions"), (ground_truth, "--ground-truth")):
+        if not folder.is_dir():
+            raise InputError(f"{what} folder {folder} does not exist", "Give a folder of mask files")
+    truths = {_case_name(p): p for p in ground_truth.iterdir() if p.is_file()}
+    rows = []
+    for pred_path in sorted(p for p in predictions.iterdir() if p.is_file()):
+        case = _case_name(pred_path)
+        if case not in truths:
+            continue
+        truth, grid = _read_mask(truths[case])
+        pred, pred_grid = _read_mask(pred_path)
+        pred = _on_grid(pred, pred_grid, grid)
+        squeeze = (lambda a: a[0]) if grid.shape[0] == 1 else (lambda a: a)
+        rows.append({"case": case, **score(squeeze(pred), squeeze(truth), _spacing(grid), nsd_tolerance_mm)})
+    if not rows:
+        raise InputError(f"No file in {predictions} has a namesake in {ground_truth}",
+                         "Name predictions like their ground truth (case1.nii.gz <-> case1.seg.nrrd)")
+    return rows
+
+
+# ---- a model, per prompt type -----------------------------------------------------------------
+
+def _model_resolution(prob: np.ndarray, truth: np.ndarray, size: int, threshold: float):
+    import torch
+    import torch.nn.functional as F
+
+    p = F.interpolate(torch.from_numpy(prob)[None, None], size=(size, size), mode="bilinear", align_corners=False)
+    t = F.interpolate(torch.from_numpy(truth.astype(np.float32))[None, None], size=(size, size), mode="nearest")
+    return p[0, 0].numpy() > threshold, t[0, 0].numpy() > 0.5
+
+
+def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, threshold=None, resize="stretch",
+                   nsd_tolerance_mm: float = 2.0, progress=None, keep=None) -> list[dict]:
+    """Run ``engine`` on every image with each prompt type's (first) string and score it.
+
+    Scores at the original image size (``dice`` ...) and at the model's input size
+    (``dice_model_res``, as the paper reports both). ``keep(item, prompt_type, prob, truth)`` is
+    called per case, e.g. to remember the worst ones for overlays.
+    """
+    rows = []
+    size = engine.model.spec.input_size
+    for n, item in enumerate(items):
+        image, truth = item.load()
+        for ptype in prompt_types:
+            if ptype not in item.prompts:
+                raise InputError(f"{item.name} has no prompt of type {ptype}",
+                                 f"Use one of {', '.join(sorted(item.prompts))}")
+            prompt = strings(item.prompts, ptype)[0]
+            result = engine.segment(image, [prompt], resize=resize, cache_key=item.name)
+            t = result.threshold if threshold is None else threshold
+            prob = result.probabilities[0, 0]
+            row = {"case": item.name, "prompt_type": ptype, "prompt": prompt,
+                   **score(prob > t, truth, _spacing(image), nsd_tolerance_mm)}
+            pm, tm = _model_resolution(prob, truth, size, t)
+            small = score(pm, tm, None, nsd_tolerance_mm)
+            row.update({"dice_model_res": small["dice"], "iou_model_res": small["iou"]})
+            rows.append(row)
+            if keep is not None:
+                keep(item, ptype, prob > t, truth, image, row)
+        if progress is not None:
+            progress(n + 1, len(items))
+    return rows
+
+
+def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", threshold=None) -> dict:
+    """Does the model use the text? Dice with the correct prompt minus Dice with the empty prompt and
+    with an unrelated one, and the false-positive rate on images where the target is absent."""
+    correct, empty, unrelated, fp = [], [], [], []
+    for item in items:
+        image, truth = item.load()
+        probs = {}
+        for key, prompt in (("correct", strings(item.prompts, prompt_type)[0]), ("empty", ""),
+                            ("unrelated", UNRELATED_PROMPT)):
+            r = engine.segment(image, [prompt], cache_key=item.name)
+            probs[key] = r.probabilities[0, 0] > (r.threshold if threshold is None else threshold)
+        d = {k: score(v, truth)["dice"] for k, v in probs.items()}
+        correct.append(d["correct"])
+        empty.append(d["empty"])
+        unrelated.append(d["unrelated"])
+        if not truth.any():
+            fp.append(float(probs["correct"].any()))
+    return {
+        "prompt_type": prompt_type,
+        "dice_correct": mean_std(correct)[0],
+        "dice_gain_over_empty_prompt": mean_std(np.subtract(correct, empty))[0],
+        "dice_gain_over_unrelated_prompt": mean_std(np.subtract(correct, unrelated))[0],
+        "false_positive_rate_on_empty_images": mean_std(fp)[0] if fp else math.nan,
+        "empty_images": len(fp),
+        "cases": len(items),
+    }
+
+
+# ---- reports --------------------------------------------------------------------------------
+
+def write_csv(rows: list[dict], path) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: mean ± std per prompt type (one 'all' row for file evaluations)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row.get("prompt_type", "all"), []).append(row)
+    extra = [m for m in ("dice_model_res",) if any(m in r for r in rows)]
+    head = "| prompt type | cases | " + " | ".join(METRICS + tuple(extra)) + " |"
+    lines = [head, "|" + "---|" * (2 + len(METRICS) + len(extra))]
+    for group, members in groups.items():
+        cells = []
+        for metric in METRICS + tuple(extra):
+            mean, std, n = mean_std(r.get(metric) for r in members)
+            cells.append(f"{mean:.3f} ± {std:.3f}" + (f" (n={n})" if n != len(members) else ""))
+        lines.append(f"| {group} | {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def box_plot(rows: list[dict], path, metric: str = "dice") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for row in rows:
+        groups.setdefault(row.get("prompt_type", "all"), []).append(row[metric])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(groups), 3.6))
+    ax.boxplot(list(groups.values()), tick_labels=list(groups), showmeans=True)
+    ax.set_ylabel(metric.capitalize())
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("prompt type")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
+    plt.close(fig)
+
+
+class WorstCases:
+    """Keeps the ``count`` lowest-Dice cases of a model evaluation for overlay PNGs."""
+
+    def __init__(self, count: int = 3):
+        self.count = count
+        self.cases = []
+
+    def __call__(self, item, ptype, prediction, truth, image, row):
+        self.cases.append((row["dice"], item.name, ptype, prediction, truth, image))
+        self.cases.sort(key=lambda c: c[0])
+        del self.cases[self.count :]
+
+    def save(self, folder: Path, stem: str) -> list[Path]:
+        from .overlay import save_overlay
+
+        paths = []
+        for rank, (dice, name, ptype, pred, truth, image) in enumerate(self.cases, start=1):
+            path = folder / f"{stem}_worst{rank}_{name}_{ptype}.png"
+            save_overlay(image, np.stack([pred[None], truth[None]]), ["prediction", "ground truth"], path,
+                         count=1, title=f"{name} {ptype}: Dice {dice:.3f}")
+            paths.append(path)
+        return paths
