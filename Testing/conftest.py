@@ -59,3 +59,9 @@ def tiny_model_dir(tmp_path_factory, tiny_model):
     folder = tmp_path_factory.mktemp("models") / "clipseg-tiny"
     tiny_model.save_pretrained(folder)
     return folder
+
+
+# The Slicer module's Qt-free library is importable without Slicer (MedVLSMSlicerLib).
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedVLSMSlicer"))

@@ -1,0 +1,340 @@
+"""MRML <-> medvlsm, without Qt and without Slicer's globals.
+
+Every function takes the scene, nodes and logics it works on as arguments (never
+``slicer.mrmlScene`` / ``slicer.modules``), so the same code runs inside 3D Slicer and under the
+``slicer-core`` wheel in CI (``Testing/test_slicer_glue.py``).
+
+Geometry: a volume node's IJK-to-RAS matrix, composed with its parent transform when that is
+linear, becomes the ``Volume``'s LPS geometry (x and y negated); masks computed on that grid are
+written back through a ``vtkOrientedImageData`` carrying the same matrix, expressed in the
+segmentation node's own coordinate frame — so they land on the voxels they came from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medvlsm.errors import InputError
+from medvlsm.io import PALETTE
+from medvlsm.volume import Volume
+from medvlsm.vocabulary import lookup
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+PREVIEW_ATTRIBUTE = "MedVLSM.Preview"
+
+
+def _slicer():
+    import slicer
+
+    return slicer
+
+
+def _to_numpy(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _to_vtk(matrix: np.ndarray):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(matrix[r, c]))
+    return m
+
+
+def to_world(node) -> np.ndarray:
+    """4x4 from the node's local RAS to world RAS (identity without a parent transform)."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(f"{node.GetName()} is under a non-linear (warping) transform",
+                         "Harden the transform (Data module: right-click > Harden transform) and run again")
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(m)
+    return _to_numpy(m)
+
+
+def ijk_to_world(volume_node) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return to_world(volume_node) @ _to_numpy(m)
+
+
+def volume_from_node(volume_node) -> Volume:
+    """A scalar or RGB volume node -> ``Volume`` in world LPS (a copy: the node is never modified)."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise InputError("No input volume is selected, or it has no image data", "Load a volume and select it")
+    slicer = _slicer()
+    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    lps = RAS_TO_LPS @ ijk_to_world(volume_node)
+    axes = lps[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    return Volume(array, tuple(spacing), tuple(lps[:3, 3]), axes / spacing, volume_node.GetName())
+
+
+def _oriented_image(mask: np.ndarray, image_to_frame: np.ndarray):
+    """Binary mask ``[K, J, I]`` -> ``vtkOrientedImageData`` with the given IJK-to-RAS matrix."""
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    slicer = _slicer()
+    image = slicer.vtkOrientedImageData()
+    k, j, i = mask.shape
+    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
+    scalars = numpy_to_vtk(np.ascontiguousarray(mask, dtype=np.uint8).ravel(), deep=True,
+                           array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    image.SetImageToWorldMatrix(_to_vtk(image_to_frame))
+    return image
+
+
+def _mask_in_segmentation_frame(mask: np.ndarray, volume_node, segmentation_node):
+    """The mask as an image in the segmentation node's local frame (parent transforms honoured)."""
+    frame = np.linalg.inv(to_world(segmentation_node)) @ ijk_to_world(volume_node)
+    return _oriented_image(mask, frame)
+
+
+def new_segmentation(scene, volume_node, name: str | None = None):
+    """A segmentation node on ``volume_node``'s geometry, under the same parent transform."""
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} MedVLSM")
+    seg.CreateDefaultDisplayNodes()
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None:  # first: the reference geometry is computed in the segmentation's frame
+        seg.SetAndObserveTransformNodeID(parent.GetID())
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return seg
+
+
+def segment_style(prompt: str, index: int):
+    """(display name, colour 0..1, terminology string or None) for a prompt."""
+    structure = lookup(prompt)
+    name = prompt if prompt else "(empty prompt)"
+    if structure is None:
+        return name, PALETTE[index % len(PALETTE)], None
+    return name, structure.color, structure.slicer_terminology()
+
+
+def find_segment(segmentation_node, name: str):
+    segmentation = segmentation_node.GetSegmentation()
+    sid = segmentation.GetSegmentIdBySegmentName(name)
+    return sid or None
+
+
+def target_segment(segmentation_node, prompt: str, index: int, overwrite: bool) -> str:
+    """The segment a prompt's mask goes to: the same-named one when overwriting, else a new one
+    ("liver", then "liver (2)" ...) styled from the vocabulary. Other segments are never touched."""
+    name, color, terminology = segment_style(prompt, index)
+    sid = find_segment(segmentation_node, name) if overwrite else None
+    if sid is not None:
+        return sid
+    unique, n = name, 2
+    while find_segment(segmentation_node, unique):
+        unique, n = f"{name} ({n})", n + 1
+    segmentation = segmentation_node.GetSegmentation()
+    sid = segmentation.AddEmptySegment("", unique, list(color))
+    if terminology:
+        segmentation.GetSegment(sid).SetTerminology(terminology)
+    return sid
+
+
+def write_masks(segmentation_node, volume_node, masks: np.ndarray, prompts, *, overwrite: bool = False) -> list[str]:
+    """One segment per prompt, named after it, holding ``masks [P, K, J, I]`` (on the volume's grid).
+
+    Returns the segment IDs written (see ``target_segment`` for which).
+    """
+    slicer = _slicer()
+    ids = []
+    for index, (mask, prompt) in enumerate(zip(masks, prompts)):
+        sid = target_segment(segmentation_node, prompt, index, overwrite)
+        image = _mask_in_segmentation_frame(mask, volume_node, segmentation_node)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                image, segmentation_node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
+            raise RuntimeError(f"Slicer refused to write segment {prompt!r}")
+        ids.append(sid)
+    return ids
+
+
+def read_segment(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment as a bool array ``[K, J, I]`` on the volume's grid (no nodes are created)."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    slicer = _slicer()
+    segment_image = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, segment_image)
+    k, j, i = volume_node.GetImageData().GetDimensions()[::-1]
+    # GetSegmentBinaryLabelmapRepresentation returns the segment in world coordinates
+    reference = _oriented_image(np.zeros((k, j, i), bool), ijk_to_world(volume_node))
+    out = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        segment_image, reference, out, False)
+    # segments may share a layer: this segment is the voxels holding its own label value
+    value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return vtk_to_numpy(out.GetPointData().GetScalars()).reshape(k, j, i) == value
+
+
+class temporary_nodes:
+    """Removes every node added to ``scene`` inside the ``with`` block (display, storage, colour nodes
+    included), so helper nodes of an export never outlive it."""
+
+    def __init__(self, scene):
+        self.scene = scene
+
+    def __enter__(self):
+        self.before = _node_ids(self.scene)
+        return self
+
+    def __exit__(self, *exc):
+        remove_nodes(self.scene, _node_ids(self.scene) - self.before)
+        return False
+
+
+def _node_ids(scene) -> set:
+    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+
+
+def remove_nodes(scene, ids) -> None:
+    for node_id in ids:
+        node = scene.GetNodeByID(node_id)
+        if node is not None:
+            scene.RemoveNode(node)
+
+
+# ---- preview / apply / discard / undo ----------------------------------------------------------
+
+class Preview:
+    """Results shown in a temporary segmentation node until applied or discarded.
+
+    The preview node is not saved with the scene; discarding removes it, so the scene is
+    exactly as before.
+    """
+
+    def __init__(self, scene, volume_node, masks, prompts, probabilities=None):
+        before = _node_ids(scene)
+        self.scene = scene
+        self.volume_node = volume_node
+        self.masks = masks
+        self.prompts = list(prompts)
+        self.probabilities = probabilities
+        self.node = new_segmentation(scene, volume_node, f"{volume_node.GetName()} MedVLSM preview")
+        self.node.SetAttribute(PREVIEW_ATTRIBUTE, "1")
+        self.node.SetSaveWithScene(False)
+        display = self.node.GetDisplayNode()
+        if display is not None:
+            display.SetOpacity2DFill(0.35)
+        write_masks(self.node, volume_node, masks, self.prompts)
+        self.created = _node_ids(scene) - before  # the node, its display node, colour table...
+
+    def rethreshold(self, threshold: float) -> None:
+        """Re-cut the preview from the kept probabilities: no model run."""
+        if self.probabilities is None:
+            return
+        self.masks = self.probabilities > threshold
+        segmentation = self.node.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        write_masks(self.node, self.volume_node, self.masks, self.prompts)
+
+    def discard(self) -> None:
+        remove_nodes(self.scene, self.created)
+        self.created, self.node = set(), None
+
+    def apply(self, target_node, *, overwrite: bool = False, editor=None) -> list[str]:
+        """Merge into ``target_node``. With ``editor`` (an ``EditorSession``), through the Segment
+        Editor: masking, overwrite mode and undo apply as for any effect."""
+        if editor is not None:
+            ids = editor.apply(target_node, self.volume_node, self.masks, self.prompts, overwrite=overwrite)
+        else:
+            ids = write_masks(target_node, self.volume_node, self.masks, self.prompts, overwrite=overwrite)
+        self.discard()
+        return ids
+
+
+class EditorSession:
+    """A Qt-free Segment Editor: ``vtkSlicerSegmentEditorLogic`` + ``vtkMRMLSegmentEditorNode``.
+
+    In Slicer the effect uses the editor widget's own logic; here the same logic class applies
+    the editor node's masking (mask segment, overwrite mode, intensity range) and keeps undo states.
+    """
+
+    def __init__(self, scene, editor_node=None):
+        slicer = _slicer()
+        self.scene = scene
+        if editor_node is None:  # the segment editor node class is registered by the editor module
+            editor_node = scene.AddNode(slicer.vtkMRMLSegmentEditorNode())
+        self.node = editor_node
+        self.logic = slicer.vtkSlicerSegmentEditorLogic()
+        self.logic.SetMRMLScene(scene)
+        self.logic.SetSegmentEditorNode(self.node)
+
+    def apply(self, segmentation_node, volume_node, masks, prompts, *, overwrite: bool = False) -> list[str]:
+        slicer = _slicer()
+        self.logic.SetSegmentationNode(segmentation_node)
+        self.logic.SetSourceVolumeNode(volume_node)
+        self.logic.SaveStateForUndo()
+        ids = []
+        for index, (mask, prompt) in enumerate(zip(masks, prompts)):
+            sid = target_segment(segmentation_node, prompt, index, overwrite)
+            image = _mask_in_segmentation_frame(mask, volume_node, segmentation_node)
+            self.logic.ModifySegmentByLabelmap(segmentation_node, sid, image,
+                                               slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, False, False)
+            ids.append(sid)
+        return ids
+
+    def undo(self) -> bool:
+        if not self.logic.CanUndo():
+            return False
+        self.logic.Undo()
+        return True
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def export_labelmap_node(scene, segmentation_node, volume_node, segment_ids=None, logic=None):
+    """Segments -> a new labelmap volume node on the volume's geometry (label i = i-th segment)."""
+    slicer = _slicer()
+    import vtk
+
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segmentation_node.GetName()} labels")
+    ids = vtk.vtkStringArray()
+    for sid in segment_ids or list(segmentation_node.GetSegmentation().GetSegmentIDs()):
+        ids.InsertNextValue(sid)
+    logic = logic or slicer.vtkSlicerSegmentationsModuleLogic()
+    if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
+        scene.RemoveNode(labelmap)
+        raise RuntimeError("Slicer could not export the segments to a labelmap")
+    return labelmap
+
+
+def save_node(scene, node, path) -> None:
+    """Write a node with a storage node (``slicer.util.saveNode`` needs the application)."""
+    storage = node.GetStorageNode()
+    if storage is None:
+        node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.WriteData(node):
+        raise InputError(f"Could not write {path}", "Check that the folder exists and is writable")
+
+
+def export(scene, segmentation_node, volume_node, path, logic=None) -> None:
+    """``.seg.nrrd`` (segments as they are) or ``.nii.gz``/``.nrrd`` (labelmap on the volume grid)."""
+    path = str(path)
+    if path.lower().endswith(".seg.nrrd"):
+        with temporary_nodes(scene):  # a storage node the segmentation did not have before
+            had_storage = segmentation_node.GetStorageNode() is not None
+            save_node(scene, segmentation_node, path)
+            if not had_storage:
+                segmentation_node.SetAndObserveStorageNodeID(None)
+        return
+    if not path.lower().endswith((".nii.gz", ".nii", ".nrrd")):
+        raise InputError(f"Cannot export to {path}", "Use .seg.nrrd, .nii.gz or .nrrd")
+    with temporary_nodes(scene):
+        save_node(scene, export_labelmap_node(scene, segmentation_node, volume_node, logic=logic), path)

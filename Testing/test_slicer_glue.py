@@ -1,0 +1,247 @@
+"""The MRML glue against real MRML (slicer-core wheel: Slicer's scene, nodes and logics, no app)."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import vtk
+from conftest import blobs, rotation
+
+slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is part of Testing/requirements.txt")
+pytestmark = pytest.mark.slicer
+
+from MedVLSMSlicerLib import mrml_glue as glue  # noqa: E402  (MedVLSMSlicer/ is on sys.path, conftest)
+
+from medvlsm import io  # noqa: E402
+from medvlsm.volume import Volume  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                     slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+            factory.RegisterConverterRule(rule())
+    return scene
+
+
+def volume_node(scene, array, ijk_to_ras, name="CT"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.CreateDefaultDisplayNodes()
+    slicer.util.updateVolumeFromArray(node, array)
+    node.SetIJKToRASMatrix(glue._to_vtk(ijk_to_ras))
+    return node
+
+
+def matrix(direction, spacing, origin):
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(direction) @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
+GEOMETRIES = {
+    "axis-aligned": matrix(np.eye(3), (0.8, 0.8, 2.5), (10, 20, 30)),
+    "oblique": matrix(rotation(15, -10, 30), (0.7, 0.9, 3.0), (-50, 12, 80)),
+    "flipped": matrix(np.diag([-1, 1, -1]), (1.0, 1.2, 2.0), (5, -5, 5)),
+    "anisotropic-permuted": matrix(np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]]), (0.5, 4.0, 1.5), (0, 0, 0)),
+}
+
+
+def physical_ras(m, k, j, i):
+    return (m @ [i, j, k, 1])[:3]
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("transformed", [False, True], ids=["no-transform", "parent-transform"])
+def test_volume_node_to_medvlsm_and_back(scene, geometry, transformed):
+    arr = blobs((6, 12, 14))
+    node = volume_node(scene, arr, GEOMETRIES[geometry])
+    world = np.eye(4)
+    if transformed:
+        world = matrix(rotation(0, 20, 0), (1, 1, 1), (3, -7, 11))
+        t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        t.SetMatrixTransformToParent(glue._to_vtk(world))
+        node.SetAndObserveTransformNodeID(t.GetID())
+    v = glue.volume_from_node(node)
+    np.testing.assert_array_equal(v.array, arr)
+    # a voxel's LPS position in medvlsm == its RAS world position in Slicer, x and y negated
+    for k, j, i in ((0, 0, 0), (5, 11, 13), (2, 7, 3)):
+        ras = (world @ np.append(physical_ras(GEOMETRIES[geometry], k, j, i), 1))[:3]
+        np.testing.assert_allclose((v.ijk_to_lps() @ [i, j, k, 1])[:3], ras * [-1, -1, 1], atol=1e-6)
+    # and masks written back land on exactly those voxels
+    mask = arr > 300
+    seg = glue.new_segmentation(scene, node)
+    (sid,) = glue.write_masks(seg, node, mask[None], ["liver"])
+    np.testing.assert_array_equal(glue.read_segment(seg, sid, node), mask)
+
+
+def test_input_volume_is_never_modified(scene):
+    arr = blobs((4, 10, 10))
+    node = volume_node(scene, arr, GEOMETRIES["oblique"])
+    before = node.GetMTime(), slicer.util.arrayFromVolume(node).copy()
+    v = glue.volume_from_node(node)
+    v.array[:] = 0
+    assert node.GetMTime() == before[0]
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before[1])
+
+
+def test_nonlinear_parent_transform_is_a_clear_error(scene):
+    node = volume_node(scene, blobs((3, 8, 8)), np.eye(4))
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    node.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(glue.InputError, match="Harden"):
+        glue.volume_from_node(node)
+
+
+def test_segments_are_named_and_coloured_from_the_prompt(scene):
+    node = volume_node(scene, blobs((4, 10, 10)), np.eye(4))
+    seg = glue.new_segmentation(scene, node)
+    masks = np.zeros((3, 4, 10, 10), bool)
+    masks[:, 1, 2:5, 2:5] = True
+    ids = glue.write_masks(seg, node, masks, ["liver", "one small pink round polyp", "lung tumor"])
+    segments = [seg.GetSegmentation().GetSegment(i) for i in ids]
+    assert [s.GetName() for s in segments] == ["liver", "one small pink round polyp", "lung tumor"]
+    np.testing.assert_allclose(segments[0].GetColor(), np.array([221, 130, 101]) / 255)
+    assert "10200004" in segments[0].GetTerminology()  # SNOMED CT liver
+    assert "108369006" in segments[2].GetTerminology()  # neoplasm
+    assert len({tuple(s.GetColor()) for s in segments}) == 3
+
+
+def test_writing_into_an_existing_segmentation_keeps_other_segments(scene):
+    node = volume_node(scene, blobs((4, 10, 10)), np.eye(4))
+    seg = glue.new_segmentation(scene, node)
+    manual = np.zeros((4, 10, 10), bool)
+    manual[1:3, 1:8, 1:8] = True
+    (kept,) = glue.write_masks(seg, node, manual[None], ["manual edit"])
+    new = np.zeros((1, 4, 10, 10), bool)
+    new[0, :, 4:10, 4:10] = True  # overlaps the manual segment
+    (liver,) = glue.write_masks(seg, node, new, ["liver"])
+    np.testing.assert_array_equal(glue.read_segment(seg, kept, node), manual)
+    np.testing.assert_array_equal(glue.read_segment(seg, liver, node), new[0])
+    # same name again: a second segment unless overwriting is asked for
+    (again,) = glue.write_masks(seg, node, ~new, ["liver"])
+    assert seg.GetSegmentation().GetSegment(again).GetName() == "liver (2)"
+    (replaced,) = glue.write_masks(seg, node, ~new, ["liver"], overwrite=True)
+    assert replaced == liver
+    np.testing.assert_array_equal(glue.read_segment(seg, liver, node), ~new[0])
+    np.testing.assert_array_equal(glue.read_segment(seg, kept, node), manual)
+
+
+def scene_state(scene):
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    return sorted((n.GetID(), n.GetName()) for n in nodes)
+
+
+def test_preview_then_discard_leaves_the_scene_unchanged(scene):
+    node = volume_node(scene, blobs((4, 10, 10)), np.eye(4))
+    target = glue.new_segmentation(scene, node)
+    before = scene_state(scene)
+    probs = np.random.default_rng(0).random((1, 4, 10, 10)).astype(np.float32)
+    preview = glue.Preview(scene, node, probs > 0.5, ["liver"], probabilities=probs)
+    assert scene_state(scene) != before and not preview.node.GetSaveWithScene()
+    preview.rethreshold(0.9)
+    sid = preview.node.GetSegmentation().GetNthSegmentID(0)
+    np.testing.assert_array_equal(glue.read_segment(preview.node, sid, node), probs[0] > 0.9)
+    preview.discard()
+    assert scene_state(scene) == before
+    assert target.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_preview_apply_merges_into_the_target(scene):
+    node = volume_node(scene, blobs((4, 10, 10)), GEOMETRIES["flipped"])
+    target = glue.new_segmentation(scene, node)
+    masks = blobs((4, 10, 10))[None] > 300
+    before = scene_state(scene)
+    preview = glue.Preview(scene, node, masks, ["spleen"])
+    (sid,) = preview.apply(target)
+    assert scene_state(scene) == before
+    np.testing.assert_array_equal(glue.read_segment(target, sid, node), masks[0])
+
+
+def test_masked_apply_through_the_segment_editor_and_undo(scene):
+    """Mask segment, overwrite mode and intensity range of the editor node apply; undo restores."""
+    arr = np.zeros((3, 12, 12), np.int16)
+    arr[:, :, 6:] = 200  # bright right half
+    node = volume_node(scene, arr, np.eye(4))
+    target = glue.new_segmentation(scene, node)
+    allowed = np.zeros((3, 12, 12), bool)
+    allowed[:, 2:10, :] = True
+    (mask_id,) = glue.write_masks(target, node, allowed[None], ["allowed region"])
+    editor = glue.EditorSession(scene)
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.node.SetMaskSegmentID(mask_id)
+    editor.node.SetSourceVolumeIntensityMask(True)
+    editor.node.SetSourceVolumeIntensityMaskRange(100, 300)
+    editor.node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    proposal = np.ones((1, 3, 12, 12), bool)
+    preview = glue.Preview(scene, node, proposal, ["liver"])
+    (sid,) = preview.apply(target, editor=editor)
+    result = glue.read_segment(target, sid, node)
+    np.testing.assert_array_equal(result, allowed & (arr >= 100))
+    np.testing.assert_array_equal(glue.read_segment(target, mask_id, node), allowed)  # untouched
+    assert editor.undo()
+    assert target.GetSegmentation().GetSegmentIdBySegmentName("liver") == ""
+    np.testing.assert_array_equal(glue.read_segment(target, mask_id, node), allowed)
+
+
+@pytest.mark.parametrize("ext", [".seg.nrrd", ".nii.gz", ".nrrd"])
+def test_export_reads_back_with_identical_voxels_and_geometry(scene, tmp_path, ext):
+    arr = blobs((5, 12, 14))
+    node = volume_node(scene, arr, GEOMETRIES["oblique"])
+    seg = glue.new_segmentation(scene, node)
+    masks = np.stack([arr > 300, (arr > 0) & (arr <= 300)])
+    glue.write_masks(seg, node, masks, ["bright", "soft"])
+    path = tmp_path / f"out{ext}"
+    glue.export(scene, seg, node, path)
+    reference = glue.volume_from_node(node)
+    if ext == ".seg.nrrd":
+        read = io.read_seg_nrrd(path)
+        # Slicer crops to the segments' extent: compare physically, on the reference grid
+        for s, name in enumerate(read.names):
+            on_ref = _resample_to(read.masks[s], read.grid, reference)
+            np.testing.assert_array_equal(on_ref, masks[["bright", "soft"].index(name)])
+    else:
+        image = sitk.ReadImage(str(path))
+        labels = sitk.GetArrayFromImage(image)
+        np.testing.assert_array_equal(labels == 1, masks[0])
+        np.testing.assert_array_equal(labels == 2, masks[1])
+        np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), reference.direction, atol=1e-5)
+        np.testing.assert_allclose(image.GetOrigin(), reference.origin, atol=1e-4)
+        np.testing.assert_allclose(image.GetSpacing(), reference.spacing, atol=1e-5)
+
+
+def _resample_to(mask, grid: Volume, reference: Volume):
+    moving = io.volume_to_sitk(grid, mask.astype(np.uint8))
+    fixed = io.volume_to_sitk(reference, np.zeros(reference.shape, np.uint8))
+    return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def test_medvlsm_seg_nrrd_loads_in_slicer(scene, tmp_path):
+    """Our own .seg.nrrd writer produces a file Slicer's storage node reads at the right voxels."""
+    arr = blobs((4, 10, 12))
+    ref = matrix(rotation(0, 0, 25), (0.6, 0.6, 3.0), (1, 2, 3))
+    node = volume_node(scene, arr, ref)
+    v = glue.volume_from_node(node)
+    masks = np.stack([arr > 300, arr < -500])
+    io.write_seg_nrrd(v, masks, ["bright", "air"], tmp_path / "m.seg.nrrd")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "m.seg.nrrd"))
+    assert storage.ReadData(seg)
+    names = [seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
+    assert names == ["bright", "air"]
+    for i in range(2):
+        np.testing.assert_array_equal(glue.read_segment(seg, seg.GetSegmentation().GetNthSegmentID(i), node), masks[i])
+
+
+def test_end_to_end_engine_into_a_segmentation(scene, engine):
+    arr = blobs((5, 16, 18))
+    node = volume_node(scene, arr, GEOMETRIES["anisotropic-permuted"])
+    v = glue.volume_from_node(node)
+    result = engine.segment(v, ["liver", "spleen"], plane="coronal")
+    seg = glue.new_segmentation(scene, node)
+    ids = glue.write_masks(seg, node, result.masks(), result.prompts)
+    for p, sid in enumerate(ids):
+        np.testing.assert_array_equal(glue.read_segment(seg, sid, node), result.masks()[p])
