@@ -139,9 +139,9 @@ def test_preview_then_discard_leaves_the_scene_unchanged(scene):
     target = glue.new_segmentation(scene, node)
     before = scene_state(scene)
     probs = np.random.default_rng(0).random((1, 4, 10, 10)).astype(np.float32)
-    preview = glue.Preview(scene, node, probs > 0.5, ["liver"], probabilities=probs)
+    preview = glue.Preview(scene, node, probs > 0.5, ["liver"])
     assert scene_state(scene) != before and not preview.node.GetSaveWithScene()
-    preview.rethreshold(0.9)
+    preview.set_masks(probs > 0.9)
     sid = preview.node.GetSegmentation().GetNthSegmentID(0)
     np.testing.assert_array_equal(glue.read_segment(preview.node, sid, node), probs[0] > 0.9)
     preview.discard()
@@ -245,3 +245,44 @@ def test_end_to_end_engine_into_a_segmentation(scene, engine):
     ids = glue.write_masks(seg, node, result.masks(), result.prompts)
     for p, sid in enumerate(ids):
         np.testing.assert_array_equal(glue.read_segment(seg, sid, node), result.masks()[p])
+
+
+def test_effect_source_image_round_trip(scene):
+    """The effect reads the editor's source image (vtkOrientedImageData, any extent/matrix) and writes
+    the mask back on exactly that grid."""
+    arr = blobs((4, 9, 11))
+    m = GEOMETRIES["oblique"]
+    image = glue._oriented_image(arr > 300, m)
+    image.SetExtent(3, 13, 2, 10, 5, 8)  # a cropped/offset extent, as the editor may give
+    v = glue.volume_from_oriented_image(image)
+    np.testing.assert_array_equal(v.array, arr > 300)
+    # voxel (0,0,0) of the array is extent start (3,2,5)
+    np.testing.assert_allclose((v.ijk_to_lps() @ [0, 0, 0, 1])[:3], (m @ [3, 2, 5, 1])[:3] * [-1, -1, 1], atol=1e-9)
+    back = glue.oriented_image_like(arr > 0, image)
+    assert back.GetExtent() == image.GetExtent()
+    assert glue.volume_from_oriented_image(back).same_grid(v)
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_current_slice_index_from_a_view_centre(scene, plane):
+    from medvlsm.volume import SliceView
+
+    node = volume_node(scene, blobs((7, 9, 11)), GEOMETRIES["flipped"])
+    v = glue.volume_from_node(node)
+    view = SliceView(v, plane)
+    for index in (0, 3, view.num_slices - 1):
+        # the RAS centre of that displayed slice
+        probe = np.zeros(v.shape, np.int8)
+        view.view(probe)[index] = 1
+        k, j, i = np.argwhere(probe)[len(np.argwhere(probe)) // 2]
+        ras = (GEOMETRIES["flipped"] @ [i, j, k, 1])[:3]
+        assert glue.view_slice_index(node, ras, plane) == index
+
+
+def test_settings_live_in_a_parameter_node(scene):
+    from MedVLSMSlicerLib.session import Settings
+
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    s = Settings(prompts=["liver", "left kidney"], plane="coronal", threshold=0.35, keep_largest=True, min_voxels=7)
+    s.save(node)
+    assert Settings.load(node) == s

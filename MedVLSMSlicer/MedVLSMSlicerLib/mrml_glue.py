@@ -217,13 +217,12 @@ class Preview:
     exactly as before.
     """
 
-    def __init__(self, scene, volume_node, masks, prompts, probabilities=None):
+    def __init__(self, scene, volume_node, masks, prompts):
         before = _node_ids(scene)
         self.scene = scene
         self.volume_node = volume_node
         self.masks = masks
         self.prompts = list(prompts)
-        self.probabilities = probabilities
         self.node = new_segmentation(scene, volume_node, f"{volume_node.GetName()} MedVLSM preview")
         self.node.SetAttribute(PREVIEW_ATTRIBUTE, "1")
         self.node.SetSaveWithScene(False)
@@ -233,14 +232,11 @@ class Preview:
         write_masks(self.node, volume_node, masks, self.prompts)
         self.created = _node_ids(scene) - before  # the node, its display node, colour table...
 
-    def rethreshold(self, threshold: float) -> None:
-        """Re-cut the preview from the kept probabilities: no model run."""
-        if self.probabilities is None:
-            return
-        self.masks = self.probabilities > threshold
-        segmentation = self.node.GetSegmentation()
-        segmentation.RemoveAllSegments()
-        write_masks(self.node, self.volume_node, self.masks, self.prompts)
+    def set_masks(self, masks) -> None:
+        """Show new masks for the same prompts (re-threshold, post-processing): no model run."""
+        self.masks = masks
+        self.node.GetSegmentation().RemoveAllSegments()
+        write_masks(self.node, self.volume_node, masks, self.prompts)
 
     def discard(self) -> None:
         remove_nodes(self.scene, self.created)
@@ -338,3 +334,57 @@ def export(scene, segmentation_node, volume_node, path, logic=None) -> None:
         raise InputError(f"Cannot export to {path}", "Use .seg.nrrd, .nii.gz or .nrrd")
     with temporary_nodes(scene):
         save_node(scene, export_labelmap_node(scene, segmentation_node, volume_node, logic=logic), path)
+
+
+def view_slice_index(volume_node, ras_point, plane: str) -> int:
+    """The medvlsm slice index (display order of ``plane``) through a world RAS point, e.g. the
+    centre of a slice view: what "current slice" means."""
+    from medvlsm.volume import SliceView
+
+    volume = volume_from_node(volume_node)
+    ijk = np.linalg.inv(ijk_to_world(volume_node)) @ np.append(np.asarray(ras_point, float), 1.0)
+    kji = np.round(ijk[:3][::-1]).astype(int)
+    view = SliceView(volume, plane)
+    axis = view.perm[0]
+    index = int(np.clip(kji[axis], 0, volume.shape[axis] - 1))
+    return volume.shape[axis] - 1 - index if view.flips[0] else index
+
+
+# ---- the Segment Editor effect's images --------------------------------------------------------
+
+def volume_from_oriented_image(image, frame_to_world=None, name: str = "source") -> Volume:
+    """The editor's source image (``vtkOrientedImageData``, in the segmentation's frame) -> ``Volume``.
+
+    ``frame_to_world`` (the segmentation's parent transform) only orients the slicing anatomically;
+    masks go back onto the very same image grid (``oriented_image_like``).
+    """
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    extent = image.GetExtent()
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if min(shape) < 1:
+        raise InputError("The source volume is empty", "Select a source volume in the Segment Editor")
+    components = image.GetNumberOfScalarComponents()
+    array = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape + ((components,) if components > 1 else ()))
+    ijk_to_frame = _to_numpy(m)
+    offset = np.eye(4)
+    offset[:3, 3] = [extent[0], extent[2], extent[4]]  # voxel (0,0,0) of the array is the extent's start
+    lps = RAS_TO_LPS @ (frame_to_world if frame_to_world is not None else np.eye(4)) @ ijk_to_frame @ offset
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return Volume(np.array(array, copy=True), tuple(spacing), tuple(lps[:3, 3]), lps[:3, :3] / spacing, name)
+
+
+def oriented_image_like(mask: np.ndarray, image):
+    """A binary mask ``[K, J, I]`` on the grid (extent and matrix) of ``image``."""
+    import vtk
+
+    result = _oriented_image(mask, np.eye(4))
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    result.SetImageToWorldMatrix(m)
+    extent = image.GetExtent()
+    result.SetExtent(extent)
+    return result

@@ -1,0 +1,218 @@
+"""The module's logic without Qt: settings, background runs, preview/apply/undo, export.
+
+``MedVLSMSlicerLogic`` (the Slicer module) and the panel controller both drive a ``Session``;
+tests drive it with the slicer-core scene. The model runs in a worker thread; everything that
+touches MRML happens on the calling (GUI) thread in ``Job.finish`` / ``Session.collect``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from medvlsm.errors import Cancelled, InputError, MedVLSMError
+
+from . import mrml_glue as glue
+
+SCOPES = ("whole volume", "current slice", "slice range")
+
+
+@dataclass
+class Settings:
+    """Everything the panel lets the user choose; saved in the scene's parameter node."""
+
+    model: str = ""
+    prompts: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    plane: str = "axial"
+    scope: str = "whole volume"
+    slice_start: int = 0
+    slice_stop: int = 0
+    threshold: float = -1.0  # < 0: the model's own
+    keep_largest: bool = False
+    fill_holes: bool = False
+    min_voxels: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    window: str = "auto"
+
+    def save(self, parameter_node) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            parameter_node.SetParameter(f.name, "\n".join(value) if isinstance(value, list) else str(value))
+
+    @classmethod
+    def load(cls, parameter_node) -> "Settings":
+        s = cls()
+        for f in fields(cls):
+            text = parameter_node.GetParameter(f.name)
+            if not text and f.name not in ("prompts", "history"):
+                continue
+            default = getattr(s, f.name)
+            if isinstance(default, list):
+                value = [line for line in text.split("\n") if line] if text else []
+            elif isinstance(default, bool):
+                value = text == "True"
+            else:
+                value = type(default)(text)
+            setattr(s, f.name, value)
+        return s
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Job:
+    """One model run on a worker thread. Poll ``done``; read ``progress``; ``cancel()`` anytime."""
+
+    def __init__(self, target):
+        self.progress = (0, 0)
+        self.result = None
+        self.error: Exception | None = None
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target,), daemon=True)
+        self.started = time.perf_counter()
+        self._thread.start()
+
+    def _run(self, target):
+        try:
+            self.result = target(self)
+        except Exception as e:  # reported on the GUI thread, never raised there
+            self.error = e
+
+    def report(self, done, total):
+        self.progress = (done, total)
+
+    def cancel(self):
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout=None):
+        self._thread.join(timeout)
+        return self.done
+
+
+def readable(error: Exception) -> str:
+    """One line for the panel, whatever went wrong."""
+    if isinstance(error, MedVLSMError):
+        return str(error)
+    name = error.__class__.__name__
+    if "OutOfMemory" in name or "out of memory" in str(error).lower():
+        return ("The GPU ran out of memory. Choose Device: CPU (slower but always fits), or close other GPU "
+                "programs and run again.")
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"Unexpected {name}: {first}. Details are in the Python console; please report them."
+
+
+class Session:
+    """Engines (one per model and device, kept warm), the last result, the preview and undo."""
+
+    def __init__(self, scene, model_loader=None, cache_bytes: int = 2 << 30):
+        self.scene = scene
+        self._load_model = model_loader
+        self.cache_bytes = cache_bytes
+        self._engines = {}
+        self.preview: glue.Preview | None = None
+        self.last_result = None
+        self.editor: glue.EditorSession | None = None
+
+    def engine(self, model: str, device: str):
+        from medvlsm.engine import Engine
+
+        key = (model, device)
+        if key not in self._engines:
+            loader = self._load_model
+            if loader is None:
+                from medvlsm.models import load_model as loader
+            self._engines[key] = Engine(loader(model or None), device=device, cache_bytes=self.cache_bytes)
+        return self._engines[key]
+
+    def slice_range(self, settings: Settings, volume, current_slice: int | None):
+        from medvlsm.volume import SliceView
+
+        view = SliceView(volume, settings.plane)
+        if settings.scope == "current slice":
+            index = view.num_slices // 2 if current_slice is None else current_slice
+            return index, index + 1
+        if settings.scope == "slice range":
+            start, stop = settings.slice_start, settings.slice_stop or view.num_slices
+            if not 0 <= start < stop <= view.num_slices:
+                raise InputError(f"Slice range {start}..{stop} is outside the {view.num_slices} {settings.plane} slices",
+                                 f"Choose slices between 0 and {view.num_slices}")
+            return start, stop
+        return None
+
+    def start(self, volume_node, settings: Settings, current_slice: int | None = None) -> Job:
+        """Validate on the GUI thread (fast, clear errors), then run the model in the background."""
+        prompts = [p for p in settings.prompts]
+        if not prompts:
+            raise InputError("No prompt", "Type what to segment, one structure per line")
+        volume = glue.volume_from_node(volume_node)
+        volume.validate()
+        slices = self.slice_range(settings, volume, current_slice)
+        cache_key = (volume_node.GetID(), volume_node.GetMTime(), volume_node.GetParentTransformNode() and
+                     volume_node.GetParentTransformNode().GetMTime())
+        for p in prompts:
+            if p in settings.history:
+                settings.history.remove(p)
+            settings.history.insert(0, p)
+        del settings.history[30:]
+
+        def work(job: Job):
+            engine = self.engine(settings.model, settings.device)
+            return engine.segment(volume, prompts, plane=settings.plane, window=settings.window, slices=slices,
+                                  progress=job.report, cancel=lambda: job.cancelled, cache_key=cache_key)
+
+        return Job(work)
+
+    def collect(self, job: Job, volume_node, settings: Settings):
+        """On the GUI thread after ``job.done``: show the preview, or raise the job's error.
+        A cancelled or failed run changes nothing in the scene."""
+        if job.error is not None:
+            raise job.error
+        if job.result is None:
+            raise Cancelled()
+        self.discard()
+        self.last_result = job.result
+        self.preview = glue.Preview(self.scene, volume_node, self.masks(settings), job.result.prompts)
+        return self.preview
+
+    def masks(self, settings: Settings) -> np.ndarray:
+        from medvlsm.postprocess import PostProcess
+
+        post = PostProcess(settings.keep_largest, settings.min_voxels, settings.fill_holes)
+        threshold = None if settings.threshold < 0 else settings.threshold
+        return self.last_result.masks(threshold, post)
+
+    def rethreshold(self, settings: Settings) -> None:
+        """Instant: re-cut the last probabilities into the preview, no model run."""
+        if self.preview is None or self.last_result is None:
+            return
+        self.preview.set_masks(self.masks(settings))
+
+    def discard(self) -> None:
+        if self.preview is not None:
+            self.preview.discard()
+        self.preview = None
+
+    def apply(self, target_node, settings: Settings):
+        if self.preview is None:
+            raise InputError("Nothing to apply", "Run first, then Apply the preview")
+        if self.editor is None:
+            self.editor = glue.EditorSession(self.scene)
+        ids = self.preview.apply(target_node, overwrite=settings.overwrite, editor=self.editor)
+        self.preview = None
+        return ids
+
+    def undo(self) -> bool:
+        return self.editor is not None and self.editor.undo()

@@ -1,0 +1,213 @@
+"""The prompt panel under a real Qt (PySide6 through Qt.py, offscreen) with a real MRML scene
+(slicer-core) and a real tiny CLIPSeg: type, run, progress, cancel, re-threshold, apply, undo.
+
+Stand-in: only the Slicer desktop application itself (not installable here); the panel's .ui and
+controller are exactly those the module loads inside Slicer.
+"""
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+from conftest import blobs
+
+pytest.importorskip("slicer", reason="slicer-core is part of Testing/requirements.txt")
+QtWidgets = pytest.importorskip("Qt.QtWidgets", reason="Qt.py + PySide6 are part of Testing/requirements.txt")
+pytestmark = [pytest.mark.qt, pytest.mark.slicer]
+
+import slicer  # noqa: E402
+from MedVLSMSlicerLib import mrml_glue as glue  # noqa: E402
+from MedVLSMSlicerLib import qt_compat  # noqa: E402
+from MedVLSMSlicerLib.panel import PanelController, ui_file  # noqa: E402
+from MedVLSMSlicerLib.session import Session, Settings  # noqa: E402
+from Qt import QtCore, QtTest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def app():
+    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+    return scene
+
+
+def add_volume(scene, shape=(6, 48, 56), name="CT chest"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, blobs(shape))
+    node.SetSpacing(0.8, 0.8, 2.5)
+    return node
+
+
+class Panel:
+    def __init__(self, app, scene, model, tmp_path):
+        self.app, self.scene = app, scene
+        self.root = qt_compat.load_ui(ui_file())
+        self.param = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+        self.loads = []
+
+        def loader(name):
+            self.loads.append(name)
+            return model
+
+        self.session = Session(scene, model_loader=loader)
+        self.exported = tmp_path / "export.seg.nrrd"
+        self.c = PanelController(self.root, scene, self.session, self.param, registry_names=["tiny-clipseg"],
+                                 ask_save_path=lambda fmt: str(self.exported))
+        self.ui = self.c.ui
+
+    def click(self, name):
+        QtTest.QTest.mouseClick(self.ui[name], QtCore.Qt.LeftButton)
+
+    def wait(self, timeout=60):
+        end = time.time() + timeout
+        while self.c.running and time.time() < end:
+            self.app.processEvents()
+            time.sleep(0.01)
+        self.app.processEvents()
+        assert not self.c.running, "the run did not finish"
+
+
+@pytest.fixture
+def panel(app, scene, tiny_model, tmp_path):
+    return Panel(app, scene, tiny_model, tmp_path)
+
+
+def node_ids(scene):
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def test_type_run_preview_rethreshold_apply_undo(panel, tmp_path):
+    volume = add_volume(panel.scene)
+    panel.c.refresh_nodes()
+    QtTest.QTest.keyClicks(panel.ui["promptsEdit"], "liver")
+    panel.ui["promptsEdit"].appendPlainText("spleen")
+    panel.click("runButton")
+    assert panel.ui["runButton"].text() == "Cancel"
+    panel.wait()
+    assert panel.ui["runButton"].text() == "Run"
+    assert panel.ui["progressBar"].value() == 100
+    assert "Preview" in panel.ui["statusLabel"].text(), panel.ui["statusLabel"].text()
+    preview = panel.session.preview
+    assert preview is not None and preview.node.GetSegmentation().GetNumberOfSegments() == 2
+    assert panel.ui["applyButton"].isEnabled()
+
+    # re-threshold: instant, no model run
+    calls = []
+    engine = panel.session.engine("tiny-clipseg", "auto")
+    original = engine.segment
+    engine.segment = lambda *a, **k: calls.append(1) or original(*a, **k)
+    before = preview.masks.sum()
+    panel.ui["thresholdSlider"].setValue(95)
+    assert calls == [] and preview.masks.sum() <= before
+    np.testing.assert_array_equal(preview.masks, panel.session.last_result.probabilities > 0.95)
+
+    # a new prompt on the same volume reuses the image features
+    panel.ui["promptsEdit"].setPlainText("kidney")
+    del engine.segment
+    panel.click("runButton")
+    panel.wait()
+    assert panel.session.last_result.from_cache and "decoder only" in panel.ui["statusLabel"].text()
+    assert panel.loads == ["tiny-clipseg"]  # the model was loaded once
+
+    panel.click("applyButton")
+    target = panel.c.selected_node("segmentationCombo")
+    assert target is not None and target.GetSegmentation().GetNumberOfSegments() == 1
+    assert target.GetSegmentation().GetNthSegment(0).GetName() == "kidney"
+    assert panel.session.preview is None and panel.ui["undoButton"].isEnabled()
+    np.testing.assert_array_equal(glue.read_segment(target, target.GetSegmentation().GetNthSegmentID(0), volume),
+                                  panel.session.last_result.probabilities[0] > 0.95)
+    panel.click("exportButton")
+    assert panel.exported.is_file() and "Exported" in panel.ui["statusLabel"].text()
+    panel.click("undoButton")
+    assert target.GetSegmentation().GetNumberOfSegments() == 0
+    # history and settings live in the parameter node: a new panel shows them
+    again = PanelController(qt_compat.load_ui(ui_file()), panel.scene, panel.session, panel.param,
+                            registry_names=["tiny-clipseg"])
+    assert again.ui["promptsEdit"].toPlainText() == "kidney"
+    assert [again.ui["historyList"].item(i).text() for i in range(3)] == ["kidney", "spleen", "liver"]
+    assert Settings.load(panel.param).threshold == pytest.approx(0.95)
+
+
+def test_cancel_leaves_the_scene_as_it_was(panel):
+    add_volume(panel.scene, shape=(400, 32, 32))
+    panel.c.refresh_nodes()
+    before = node_ids(panel.scene)
+    panel.ui["promptsEdit"].setPlainText("liver")
+    panel.click("runButton")
+    panel.click("runButton")  # now "Cancel"
+    panel.wait()
+    assert "cancelled" in panel.ui["statusLabel"].text().lower()
+    assert panel.session.preview is None and node_ids(panel.scene) == before
+    assert not panel.ui["applyButton"].isEnabled()
+
+
+def test_discard_and_errors_are_one_line_in_the_panel(panel):
+    panel.ui["promptsEdit"].setPlainText("liver")
+    panel.click("runButton")
+    assert panel.ui["statusLabel"].text().startswith("No input volume.") and not panel.c.running
+    add_volume(panel.scene)
+    panel.c.refresh_nodes()
+    panel.ui["promptsEdit"].setPlainText("")
+    panel.click("runButton")
+    assert panel.ui["statusLabel"].text().startswith("No prompt.")
+    panel.ui["promptsEdit"].setPlainText("liver")
+    panel.ui["scopeCombo"].setCurrentIndex(panel.ui["scopeCombo"].findText("slice range"))
+    panel.ui["sliceStartSpin"].setValue(4)
+    panel.ui["sliceStopSpin"].setValue(99)
+    panel.click("runButton")
+    assert "outside" in panel.ui["statusLabel"].text() and "\n" not in panel.ui["statusLabel"].text()
+    panel.ui["scopeCombo"].setCurrentIndex(panel.ui["scopeCombo"].findText("current slice"))
+    before = node_ids(panel.scene)
+    panel.click("runButton")
+    panel.wait()
+    assert panel.session.last_result.slice_range == (3, 4)  # the middle slice without a view
+    panel.click("discardButton")
+    assert node_ids(panel.scene) == before and panel.ui["statusLabel"].text() == "Preview discarded."
+
+
+def test_prompt_builder_and_history(panel):
+    panel.ui["builderGroup"].setChecked(True)
+    QtTest.QTest.keyClicks(panel.ui["classEdit"], "polyp")
+    QtTest.QTest.keyClicks(panel.ui["shapeEdit"], "round")
+    QtTest.QTest.keyClicks(panel.ui["colorEdit"], "pink")
+    panel.ui["sizeCombo"].setCurrentIndex(panel.ui["sizeCombo"].findText("small"))
+    QtTest.QTest.keyClicks(panel.ui["numberEdit"], "one")
+    QtTest.QTest.keyClicks(panel.ui["locationEdit"], "center")
+    items = [panel.ui["ladderList"].item(i).text() for i in range(panel.ui["ladderList"].count())]
+    assert "p6: one small pink round polyp, located in center of the image" in items
+    row = items.index("p3: pink round polyp")
+    item = panel.ui["ladderList"].item(row)
+    rect = panel.ui["ladderList"].visualItemRect(item)
+    panel.root.show()
+    QtTest.QTest.mouseClick(panel.ui["ladderList"].viewport(), QtCore.Qt.LeftButton, QtCore.Qt.NoModifier,
+                            rect.center())
+    assert panel.ui["promptsEdit"].toPlainText() == "pink round polyp"
+    panel.root.hide()
+
+
+def test_screenshot_of_the_panel(panel, tmp_path):
+    """Renders the panel offscreen after a run; MEDVLSM_SCREENSHOT_DIR keeps a copy for the README."""
+    add_volume(panel.scene)
+    panel.c.refresh_nodes()
+    panel.ui["promptsEdit"].setPlainText("liver\nleft kidney")
+    panel.ui["builderGroup"].setChecked(True)
+    QtTest.QTest.keyClicks(panel.ui["classEdit"], "polyp")
+    QtTest.QTest.keyClicks(panel.ui["shapeEdit"], "round")
+    panel.click("runButton")
+    panel.wait()
+    panel.root.resize(440, 980)
+    path = tmp_path / "panel.png"
+    assert panel.root.grab().save(str(path))
+    assert path.stat().st_size > 10_000
+    target = os.environ.get("MEDVLSM_SCREENSHOT_DIR")
+    if target:
+        shutil.copy(path, os.path.join(target, "panel.png"))
