@@ -20,7 +20,7 @@ demo: $(BIN)/.installed
 	$(BIN)/medvlsm demo --allow-untrained
 
 test: $(BIN)/.installed
-	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -p no:cacheprovider Testing
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -rs -p no:cacheprovider Testing
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_engine.py --quick

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +72,8 @@ def test_models_and_init(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run(["medvlsm", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).with_name("medvlsm")  # the environment's bin/, activated or not
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "segment" in out.stdout
 
 

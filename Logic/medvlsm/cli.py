@@ -92,11 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", "-o", required=True, help="results .csv; .md, box plot and overlays go beside it")
     _add_segment_options(ev)
 
+    ft = sub.add_parser("finetune", help="finetune a model on your labelled images or volumes")
+    ft.add_argument("--train", help="training annotations (the paper's JSON format)")
+    ft.add_argument("--val", help="validation annotations (same format)")
+    ft.add_argument("--images", help="image folder of --train/--val")
+    ft.add_argument("--masks", help="mask folder of --train/--val")
+    ft.add_argument("--volumes", help="folder of volumes (NIfTI/NRRD ...) instead of --train")
+    ft.add_argument("--segmentations", help="folder of .seg.nrrd / labelmaps named like the volumes")
+    ft.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"], help="slicing plane (volumes)")
+    ft.add_argument("--empty-fraction", type=float, default=0.1,
+                    help="slices without the structure kept, as a fraction of those with it (volumes; default 0.1)")
+    ft.add_argument("--val-fraction", type=float, default=0.2, help="volumes held out for validation (default 0.2)")
+    ft.add_argument("--model", default=None, help="registry name or model folder to start from (see `medvlsm init`)")
+    ft.add_argument("--output", "-o", required=True, help="folder for the finetuned model, card and curves")
+    ft.add_argument("--prompt-type", nargs="+", default=["p1"], help="p0..p9 (several: one drawn per sample) or random")
+    ft.add_argument("--epochs", type=int, default=50)
+    ft.add_argument("--batch-size", type=int, default=16)
+    ft.add_argument("--lr", type=float, default=2e-3, help="learning rate (paper: 2e-3 CLIPSeg, 2e-5 CRIS)")
+    ft.add_argument("--freeze", default="none", choices=["none", "encoders", "text"])
+    ft.add_argument("--device", default="auto")
+    ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ft.add_argument("--resize", default=None, choices=["letterbox", "stretch"],
+                    help="default: stretch for 2D images (the paper), letterbox for volumes")
+    ft.add_argument("--patience", type=int, default=20, help="early stopping on validation Dice (epochs)")
+    ft.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (quick checks)")
+    ft.add_argument("--seed", type=int, default=42)
+    ft.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint/last.pt")
+
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
     init.add_argument("--arch", default="clipseg", choices=["clipseg"])
     init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
     init.add_argument("--output", "-o", required=True)
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--input-size", type=int, default=352, help="square input side the model is fed (default 352)")
     return parser
 
 
@@ -247,6 +275,7 @@ def cmd_init(args):
     from .models.clipseg import CLIPSeg
 
     model = CLIPSeg.random(args.size, name=Path(args.output).name, seed=args.seed)
+    model.spec.input_size = args.input_size
     Path(args.output).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)
     n = sum(p.numel() for p in model.parameters()) / 1e6
@@ -347,20 +376,86 @@ def cmd_evaluate(args):
     print(f"Wrote {out}, {out.with_suffix('.md')}, {out.stem}_boxplot.png")
 
 
-COMMANDS = {"segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,
+def cmd_finetune(args):
+    from . import training
+    from .errors import InputError
+    from .models import load_model
+
+    bad = [t for t in args.prompt_type if t not in training.PROMPT_TYPES + ("random",)]
+    if bad:
+        raise InputError(f"Unknown prompt type(s) {bad}", "Use p0 .. p9 or random")
+    model = load_model(args.model)
+    spec = model.spec
+    if args.volumes or args.segmentations:
+        if not (args.volumes and args.segmentations):
+            raise InputError("--volumes and --segmentations go together", "Give both folders")
+        from .datasets import read_volume_folder
+
+        pairs = read_volume_folder(args.volumes, args.segmentations)
+        n_val = max(1, int(round(args.val_fraction * len(pairs)))) if len(pairs) > 1 else 0
+        resize = args.resize or "letterbox"
+        make = lambda ps: training.samples_from_volumes(ps, spec, args.plane, args.empty_fraction, args.seed, resize)
+        if n_val:
+            train, val = make(pairs[n_val:]), make(pairs[:n_val])
+        else:  # one volume: hold out every fifth sample
+            everything = make(pairs)
+            train = [s for i, s in enumerate(everything) if i % 5]
+            val = everything[::5]
+    elif args.train:
+        if not (args.images and args.masks):
+            raise InputError("--train needs --images and --masks", "Give the image and mask folders")
+        from .datasets import read_annotations
+
+        resize = args.resize or "stretch"
+        train = training.samples_from_annotations(read_annotations(args.train, args.images, args.masks), spec, resize)
+        if not args.val:
+            raise InputError("No --val annotations", "Give a validation split (the best model is chosen on it)")
+        val = training.samples_from_annotations(read_annotations(args.val, args.images, args.masks), spec, resize)
+    else:
+        raise InputError("No training data", "Give --train/--val with --images/--masks, or --volumes with --segmentations")
+    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                  prompt_types=args.prompt_type, freeze=args.freeze, seed=args.seed,
+                                  patience=args.patience, precision=args.precision,
+                                  max_steps_per_epoch=args.max_steps_per_epoch)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    bar = None
+    if not args.quiet and training.dist_info()[0] == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="step", leave=False, file=sys.stderr)
+
+    def progress(epoch, step, steps):
+        if step == 1:
+            bar.reset(total=steps)
+            bar.set_description(f"epoch {epoch}")
+        bar.update(1)
+
+    try:
+        summary = training.finetune(model, train, val, args.output, config, device=args.device, resume=args.resume,
+                                    progress=progress if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if training.dist_info()[0] == 0:
+        print(f"Best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+              f"({summary['epochs']} epochs, {summary['steps_per_epoch']} steps/epoch x {summary['world_size']} "
+              f"process(es), {summary['seconds']:.0f} s) -> {args.output}")
+
+
+COMMANDS = {"finetune": cmd_finetune, "segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,
             "init": cmd_init, "prompts": cmd_prompts, "evaluate": cmd_evaluate}
 
 
-class _OneLine(logging.Formatter):
-    def format(self, record):
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+class _OneLine(logging.Handler):
+    """``warning: ...`` lines on whatever ``sys.stderr`` is at the time (tests swap it)."""
+
+    def emit(self, record):
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine())
-    log.handlers[:] = [handler]
+    log.handlers[:] = [_OneLine()]
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     log.propagate = False
     from .errors import Cancelled, MedVLSMError

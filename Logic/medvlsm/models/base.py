@@ -49,20 +49,35 @@ class VLSM(torch.nn.Module):
         enc = tok(list(prompts), padding=True, truncation=True, max_length=self.spec.text_tokens, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[P, L]`` -> text embeddings ``[P, D]``."""
+        raise NotImplementedError
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings ``[P, D]``."""
-        raise NotImplementedError
+        tokens = self.tokenize(prompts)
+        return self.encode_tokens(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Normalised images ``[B, 3, S, S]`` -> prompt-independent features, each ``[B, ...]``."""
         raise NotImplementedError
 
-    def decode(self, features: tuple[torch.Tensor, ...], text: torch.Tensor) -> torch.Tensor:
-        """Features of B images and ``text [P, D]`` -> logits ``[B, P, S, S]``."""
+    def decode_paired(self, features: tuple[torch.Tensor, ...], text: torch.Tensor) -> torch.Tensor:
+        """Features of N images and one text embedding each (``[N, D]``) -> logits ``[N, S, S]``."""
         raise NotImplementedError
 
-    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode_images(pixels), text)
+    def decode(self, features: tuple[torch.Tensor, ...], text: torch.Tensor) -> torch.Tensor:
+        """Features of B images and ``text [P, D]`` -> logits ``[B, P, S, S]`` (every image x every prompt)."""
+        batch, prompts = features[0].shape[0], text.shape[0]
+        paired = tuple(f[:, None].expand(batch, prompts, *f.shape[1:]).reshape(batch * prompts, *f.shape[1:])
+                       for f in features)
+        cond = text[None].expand(batch, prompts, text.shape[1]).reshape(batch * prompts, text.shape[1])
+        logits = self.decode_paired(paired, cond)
+        return logits.reshape(batch, prompts, *logits.shape[-2:])
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Training: image i with prompt i -> logits ``[B, S, S]`` (one module call, as DDP wants)."""
+        return self.decode_paired(self.encode_images(pixels), self.encode_tokens(input_ids, attention_mask))
 
     @property
     def device(self) -> torch.device:

@@ -8,6 +8,8 @@ Differences from calling the transformers model directly, all output-preserving
 - the decoder's per-layer ``reduces`` projections (768 -> 64) do not depend on the text, so
   they belong to the image features: the cache is 12x smaller and a new prompt runs only the
   64-wide decoder;
+- gradients flow everywhere (transformers' forward wraps the encoders in ``no_grad``), so the
+  same three stages finetune the whole model;
 - the text is encoded once per prompt and broadcast over the batch.
 """
 
@@ -89,9 +91,8 @@ class CLIPSeg(VLSM):
         self.spec.save(folder)
 
     # -- the three stages ------------------------------------------------------------------
-    def encode_text(self, prompts):
-        tokens = {k: v.to(self.device) for k, v in self.tokenize(prompts).items()}
-        return self.hf.clip.get_text_features(**tokens).pooler_output
+    def encode_tokens(self, input_ids, attention_mask):
+        return self.hf.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
     def encode_images(self, pixels):
         vision = self.hf.clip.vision_model
@@ -106,23 +107,16 @@ class CLIPSeg(VLSM):
         reduces = self.hf.decoder.reduces
         return tuple(reduce(act) for act, reduce in zip(activations[::-1], reduces))
 
-    def decode(self, features, text):
+    def decode_paired(self, features, text):
         decoder = self.hf.decoder
-        batch, prompts = features[0].shape[0], text.shape[0]
-        text = text.to(features[0].dtype)
-
-        def per_prompt(x):  # [B, T, R] -> [B * P, T, R], image-major
-            return x[:, None].expand(batch, prompts, *x.shape[1:]).reshape(batch * prompts, *x.shape[1:])
-
-        cond = text[None].expand(batch, prompts, text.shape[1]).reshape(batch * prompts, text.shape[1])
+        cond = text.to(features[0].dtype)
         output = None
         for i, (reduced, layer) in enumerate(zip(features, decoder.layers)):
-            output = per_prompt(reduced) if output is None else per_prompt(reduced) + output
+            output = reduced if output is None else reduced + output
             if i == decoder.conditional_layer:
                 output = decoder.film_mul(cond)[:, None] * output + decoder.film_add(cond)[:, None]
             output = layer(output, None)
         output = output[:, 1:, :].transpose(1, 2)
         side = int(round(output.shape[2] ** 0.5))
-        output = output.reshape(batch * prompts, output.shape[1], side, side)
-        logits = decoder.transposed_convolution(output)
-        return logits.reshape(batch, prompts, *logits.shape[-2:])
+        output = output.reshape(output.shape[0], output.shape[1], side, side)
+        return decoder.transposed_convolution(output)[:, 0]

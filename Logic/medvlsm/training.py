@@ -1,0 +1,346 @@
+"""Finetuning on the user's own labelled data: the paper's recipe, with its loss bug fixed.
+
+Recipe (``../shared/reference/medvlsm.md``): AdamW (weight decay 1e-3), ReduceLROnPlateau (x0.1,
+patience 5) on the validation loss, gradient clipping at 0.5, mixed precision (bf16) where the
+device supports it, early stopping on validation Dice (patience 20), the best checkpoint by
+validation Dice, seed 42. Loss: MONAI ``DiceCELoss(sigmoid=True, lambda_dice=1, lambda_ce=0.2)``
+on **logits**. (The reference code fed sigmoid probabilities: with MONAI 1.1 its CE term was
+always 0 for one channel, with MONAI >= 1.3 the probabilities were squashed a second time.)
+
+One image + one prompt per sample; the prompt is drawn per sample and per epoch from the chosen
+prompt types (``random``: any type the sample has), one string of list types (p7..p9).
+Runs unchanged under ``torchrun`` (DistributedDataParallel; rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .preprocess import Letterbox, choose_window, to_model_input
+from .prompts import PROMPT_TYPES, Attributes, geometry_attributes, ladder, strings
+
+log = logging.getLogger("medvlsm")
+
+CHECKPOINT = "checkpoint/last.pt"
+
+
+@dataclass
+class Sample:
+    """A preprocessed training sample at the model's input size."""
+
+    pixels: torch.Tensor  # [3, S, S] float16, normalised
+    mask: torch.Tensor  # [S, S] bool
+    prompts: dict  # p0.. -> str or list
+    name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-3
+    grad_clip: float = 0.5
+    prompt_types: list = field(default_factory=lambda: ["p1"])
+    freeze: str = "none"  # none | encoders | text
+    seed: int = 42
+    patience: int = 20
+    lr_patience: int = 5
+    precision: str = "auto"
+    max_steps_per_epoch: int = 0  # 0: all
+
+
+def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "stretch", name: str = "",
+            window: str = "auto") -> Sample:
+    """A 2D image (one-slice ``Volume``) and its mask ``[H, W]`` -> model-sized tensors."""
+    from .volume import SliceView
+
+    view = SliceView(image_volume, "axial")
+    box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, spec.input_size, resize)
+    raw = torch.from_numpy(np.ascontiguousarray(view.view(image_volume.array)[:1]).astype(np.float32))
+    pixels = to_model_input(raw, choose_window(image_volume, window), box, spec.mean, spec.std)[0]
+    m = torch.from_numpy(np.ascontiguousarray(view.view(mask[None].astype(np.float32))))[:, None]
+    target = box.apply(m)[0, 0] > 0.5
+    return Sample(pixels.to(torch.float16), target, prompts, name)
+
+
+def samples_from_annotations(items, spec, resize: str = "stretch") -> list[Sample]:
+    out = []
+    for item in items:
+        image, mask = item.load()
+        out.append(prepare(image, mask, item.prompts, spec, resize, item.name))
+    return out
+
+
+def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: float = 0.1, seed: int = 42,
+                         resize: str = "letterbox") -> list[Sample]:
+    """Volumes + segmentations -> 2D samples along ``plane``, one per (slice, structure).
+
+    Prompts: the segment name as p1, plus the ladder p2..p6 built from the slice mask's geometry.
+    Slices where a structure is absent are kept as ``empty_fraction`` x the present ones, so the
+    model learns to answer "nothing here".
+    """
+    from .volume import SliceView, Volume
+
+    rng = random.Random(seed)
+    out = []
+    for pair in pairs:
+        volume, masks, names = pair.load()
+        window = choose_window(volume)
+        view = SliceView(volume, plane)
+        image = view.view(volume.array)
+        for mask3d, name in zip(masks, names):
+            mview = view.view(mask3d)
+            present = [s for s in range(view.num_slices) if mview[s].any()]
+            absent = [s for s in range(view.num_slices) if not mview[s].any()]
+            chosen = present + rng.sample(absent, min(len(absent), int(round(empty_fraction * len(present)))))
+            for s in sorted(chosen):
+                g = geometry_attributes(mview[s])
+                prompts = ladder(Attributes(name, size=g["size"], number=g["number"], location=g["location"]))
+                slice_volume = Volume(np.ascontiguousarray(image[s][None]),
+                                      (view.pixel_spacing[1], view.pixel_spacing[0], 1.0))
+                sample = prepare(slice_volume, np.asarray(mview[s]), prompts, spec, resize,
+                                 f"{pair.name}:{name}:{s}", window=f"{(window.low + window.high) / 2},"
+                                 f"{window.high - window.low}")
+                out.append(sample)
+    if not out:
+        raise InputError("The segmentations hold no labelled voxels", "Check that the segments are not empty")
+    return out
+
+
+def pick_prompt(sample: Sample, prompt_types, rng: random.Random) -> str:
+    types = [t for t in (PROMPT_TYPES if prompt_types == ["random"] else prompt_types) if t in sample.prompts]
+    if not types:
+        raise InputError(f"{sample.name} has none of the prompt types {prompt_types}",
+                         f"Use types it has: {', '.join(sample.prompts)}")
+    return rng.choice(strings(sample.prompts, rng.choice(types)))
+
+
+# ---- distributed helpers -------------------------------------------------------------------------
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist_info()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def _freeze(model, how: str) -> None:
+    if how == "none":
+        return
+    clip = model.hf.clip
+    frozen = [clip.text_model, clip.text_projection] if how == "text" else [clip]
+    if how not in ("text", "encoders"):
+        raise InputError(f"Unknown --freeze {how!r}", "Use none, encoders or text")
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def _batches(samples, indices, batch_size, prompt_types, rng, tokenizer_fn, device):
+    for start in range(0, len(indices), batch_size):
+        chunk = [samples[i] for i in indices[start : start + batch_size]]
+        prompts = [pick_prompt(s, prompt_types, rng) for s in chunk]
+        tokens = tokenizer_fn(prompts)
+        pixels = torch.stack([s.pixels for s in chunk]).float().to(device)
+        masks = torch.stack([s.mask for s in chunk]).float().to(device)
+        yield pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), masks
+
+
+def _dice(logits, masks) -> torch.Tensor:
+    """Per-sample Dice of thresholded predictions, empty+empty = 1 (the paper's convention)."""
+    pred = logits > 0
+    target = masks > 0.5
+    inter = (pred & target).flatten(1).sum(1).float()
+    total = (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).float()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+def finetune(model, train: list[Sample], val: list[Sample], output, config: TrainConfig, device="auto",
+             resume: bool = False, progress=None) -> dict:
+    """Train ``model`` in place; write the best model folder, card, curves and a resumable checkpoint.
+
+    Returns a summary: best validation Dice and its epoch, epochs run, steps per epoch, seconds.
+    """
+    from monai.losses import DiceCELoss
+
+    from .engine import resolve_device, resolve_dtype
+
+    output = Path(output)
+    device = resolve_device(device)
+    init_distributed(device)
+    rank, world = dist_info()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dtype = resolve_dtype(device, config.precision)
+    torch.manual_seed(config.seed)
+    model = model.to(device).train()
+    _freeze(model, config.freeze)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step_model = model
+    if world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.lr_patience)
+    loss_fn = DiceCELoss(sigmoid=True, lambda_dice=1.0, lambda_ce=0.2)
+    state = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "history": []}
+    checkpoint = output / CHECKPOINT
+    if resume:
+        if not checkpoint.is_file():
+            raise InputError(f"No checkpoint to resume in {output}", "Run without --resume first")
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads(saved["state"])
+    if rank == 0:
+        (output / "checkpoint").mkdir(parents=True, exist_ok=True)
+    tokenize = model.tokenize
+    local = list(range(rank, len(train), world))  # the distributed sampler: a disjoint shard per rank
+    steps_per_epoch = math.ceil(len(local) / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    started = time.perf_counter()
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        rng = random.Random(config.seed * 1000 + epoch * 10 + rank)
+        order = local[:]
+        rng.shuffle(order)
+        model.train()
+        train_loss, steps, epoch_start = 0.0, 0, time.perf_counter()
+        for pixels, ids, mask_ids, masks in _batches(train, order, config.batch_size, config.prompt_types, rng,
+                                                     tokenize, device):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = step_model(pixels, ids, mask_ids)
+            loss = loss_fn(logits.float()[:, None], masks[:, None])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            train_loss += float(loss.detach())
+            steps += 1
+            if progress is not None and rank == 0:
+                progress(epoch, steps, steps_per_epoch)
+            if steps >= steps_per_epoch:
+                break
+        val_loss, val_dice = evaluate_samples(model, val, config, loss_fn, device, dtype, rank, world)
+        scheduler.step(val_loss)
+        row = {"epoch": epoch, "train_loss": train_loss / max(steps, 1), "val_loss": val_loss, "val_dice": val_dice,
+               "lr": optimizer.param_groups[0]["lr"], "steps": steps, "world_size": world,
+               "seconds_per_step": (time.perf_counter() - epoch_start) / max(steps, 1)}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        improved = val_dice > state["best_dice"]
+        if improved:
+            state["best_dice"], state["best_epoch"] = val_dice, epoch
+        if rank == 0:
+            if improved:
+                model.save_pretrained(output)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, checkpoint)
+            write_curves(state["history"], output)
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f%s", epoch, row["train_loss"], val_loss,
+                 val_dice, " (best)" if improved else "")
+        if epoch - state["best_epoch"] >= config.patience:
+            log.info("Early stop: no better validation Dice for %d epochs", config.patience)
+            break
+    summary = {"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+               "steps_per_epoch": steps_per_epoch, "world_size": world,
+               "seconds": time.perf_counter() - started}
+    if rank == 0:
+        write_model_card(output, model, config, summary, len(train), len(val))
+    return summary
+
+
+@torch.no_grad()
+def evaluate_samples(model, samples, config, loss_fn, device, dtype, rank=0, world=1) -> tuple[float, float]:
+    """Validation loss and mean Dice over every prompt type asked for (deterministic: first string)."""
+    model.eval()
+    types = PROMPT_TYPES[1:] if config.prompt_types == ["random"] else config.prompt_types
+    loss_sum = dice_sum = count = 0.0
+    local = list(range(rank, len(samples), world))
+    for ptype in types:
+        for start in range(0, len(local), config.batch_size):
+            chunk = [samples[i] for i in local[start : start + config.batch_size] if ptype in samples[i].prompts]
+            if not chunk:
+                continue
+            tokens = model.tokenize([strings(s.prompts, ptype)[0] for s in chunk])
+            pixels = torch.stack([s.pixels for s in chunk]).float().to(device)
+            masks = torch.stack([s.mask for s in chunk]).float().to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
+            loss_sum += float(loss_fn(logits[:, None], masks[:, None])) * len(chunk)
+            dice_sum += float(_dice(logits, masks).sum())
+            count += len(chunk)
+    loss_sum, dice_sum, count = _all_sum([loss_sum, dice_sum, count], device)
+    model.train()
+    return loss_sum / max(count, 1), dice_sum / max(count, 1)
+
+
+def write_curves(history: list[dict], output: Path) -> None:
+    with open(output / "training_log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(epochs, [h["train_loss"] for h in history], label="train")
+    a.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    a.set_xlabel("epoch"), a.set_ylabel("Dice + 0.2 BCE loss"), a.legend()
+    b.plot(epochs, [h["val_dice"] for h in history], color="tab:green")
+    b.set_xlabel("epoch"), b.set_ylabel("validation Dice"), b.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(output / "training_curves.png", dpi=90)
+    plt.close(fig)
+
+
+def write_model_card(output: Path, model, config: TrainConfig, summary: dict, n_train: int, n_val: int) -> None:
+    spec = json.loads((output / "medvlsm.json").read_text()) if (output / "medvlsm.json").is_file() else {}
+    spec.update(trained=True, description=f"Finetuned with medvlsm on {n_train} samples")
+    (output / "medvlsm.json").write_text(json.dumps(spec, indent=2))
+    card = [
+        f"# {output.name}", "",
+        f"Finetuned from `{model.spec.name}` ({model.spec.arch}) with `medvlsm finetune`.", "",
+        "| | |", "|---|---|",
+        f"| training / validation samples | {n_train} / {n_val} |",
+        f"| prompt types | {', '.join(config.prompt_types)} |",
+        f"| epochs run (best) | {summary['epochs']} ({summary['best_epoch']}) |",
+        f"| best validation Dice | {summary['best_val_dice']:.4f} |",
+        f"| batch size, lr, weight decay | {config.batch_size}, {config.lr:g}, {config.weight_decay:g} |",
+        f"| frozen | {config.freeze} |",
+        f"| processes | {summary['world_size']} |", "",
+        "Loss: Dice + 0.2 x BCE on logits (MONAI DiceCELoss, sigmoid=True). Curves: `training_curves.png`, "
+        "`training_log.csv`. Use: `medvlsm segment IMAGE --model THIS_FOLDER --prompt ...`.",
+        "", "```json", json.dumps(asdict(config), indent=2), "```",
+    ]
+    (output / "README.md").write_text("\n".join(card) + "\n")
