@@ -9,6 +9,8 @@ the registration of the "Text prompt" Segment Editor effect.
 
 import logging
 import os
+import shutil
+import sys
 
 import qt
 import slicer
@@ -134,6 +136,27 @@ class MedVLSMSlicerLogic(ScriptedLoadableModuleLogic):
         return target
 
 
+    def finetune(self, pairs, output, model="", epochs=30, plane="axial"):
+        """Finetune on these segmentations, out of process (the GUI stays free).
+
+        ``pairs``: [(volumeNode, segmentationNode), ...]. Exports them into OUTPUT/data, then runs
+        ``PythonSlicer -m medvlsm.cli finetune ...``; progress goes to OUTPUT/finetune.log. Returns the
+        process (``poll()`` is None while it runs). The result is a model folder: choose it under
+        Model > Local folder... in the panel.
+        """
+        import subprocess
+
+        from MedVLSMSlicerLib import mrml_glue as glue
+
+        data = os.path.join(output, "data")
+        for volume_node, segmentation_node in pairs:
+            glue.export_training_pair(slicer.mrmlScene, volume_node, segmentation_node, data)
+        python = shutil.which("PythonSlicer") or sys.executable
+        argv = glue.finetune_command(python, data, output, model=model, epochs=epochs, plane=plane)
+        logfile = open(os.path.join(output, "finetune.log"), "w", encoding="utf-8")
+        return subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT)
+
+
 class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -167,13 +190,13 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.controller = PanelController(
             root, slicer.mrmlScene, self.logic.session, self.logic.getParameterNode(),
             ask_folder=lambda: qt.QFileDialog.getExistingDirectory(None, "Model folder (save_pretrained format)"),
-            ask_save_path=self._ask_save_path, current_slice=current_slice_index)
+            ask_save_path=self._ask_save_path, current_slice=current_slice_index, dicom_files=dicom_files)
         for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
             self.addObserver(slicer.mrmlScene, event, lambda *_: self.controller.refresh_nodes())
 
     @staticmethod
     def _ask_save_path(fmt):
-        suffix = ".seg.nrrd" if fmt == ".seg.nrrd" else ".nii.gz"
+        suffix = {".seg.nrrd": ".seg.nrrd", "DICOM SEG": ".dcm"}.get(fmt, ".nii.gz")
         return qt.QFileDialog.getSaveFileName(None, "Export segmentation", f"segmentation{suffix}",
                                               f"*{suffix}") or None
 
@@ -181,6 +204,13 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.controller is not None and self.controller.running:
             self.controller.job.cancel()
+
+
+def dicom_files(volume_node):
+    """The DICOM file of each slice of a volume loaded through the DICOM module (else empty)."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    return [database.fileForInstance(uid) for uid in uids] if database is not None else []
 
 
 def current_slice_index(volume_node, plane):

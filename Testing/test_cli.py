@@ -200,3 +200,17 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
                           "-p", "x", "--model", str(tiny_model_dir), "-o", str(tmp_path / "o.nii.gz")],
                          capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_dicom_series_in_dicom_seg_out(tmp_path, tiny_model_dir, capsys):
+    import highdicom as hd
+    from test_io import write_dicom_series
+
+    folder = write_dicom_series(tmp_path / "series", Volume(blobs((3, 24, 28)), (0.8, 0.8, 3.0)))
+    code, _, err = run(["segment", folder, "-p", "liver", "-p", "spleen", "--model", tiny_model_dir, "-o",
+                        tmp_path / "seg.dcm"], capsys)
+    assert code == 0, err
+    assert hd.seg.segread(str(tmp_path / "seg.dcm")).number_of_segments == 2
+    code, _, err = run(["segment", tmp_path / "series" / "000.dcm", "-p", "liver", "--model", tiny_model_dir, "-o",
+                        tmp_path / "x.dcm"], capsys)
+    assert code == 2 and "DICOM series" in err

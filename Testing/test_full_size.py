@@ -1,7 +1,6 @@
 """The full-size CLIPSeg architecture (150.7 M parameters, random weights from its config: no hub)
 end to end: `medvlsm init` -> folder -> `medvlsm segment` -> files on the input grid."""
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch

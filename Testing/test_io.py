@@ -104,3 +104,48 @@ def test_output_path_checks(tmp_path):
     with pytest.raises(InputError, match="2D slice"):
         io.check_output_path(tmp_path / "x.png", is_2d=False)
     assert io.check_output_path(tmp_path / "x.seg.nrrd", is_2d=False) == ".seg.nrrd"
+
+
+def write_dicom_series(folder, volume, modality="CT"):
+    """A DICOM series of ``volume`` written by SimpleITK with the tags a real scanner series has."""
+    folder.mkdir()
+    image = io.volume_to_sitk(volume)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series, study, frame = (f"1.2.826.0.1.3680043.2.1125.{n}" for n in (1, 2, 3))
+    for k in range(image.GetDepth()):
+        s = image[:, :, k]
+        tags = {"0020|000e": series, "0020|000d": study, "0020|0052": frame, "0020|0013": str(k + 1),
+                "0008|0060": modality, "0010|0020": "TEST001", "0010|0010": "Test^Patient",
+                "0008|0018": f"1.2.826.0.1.3680043.2.1125.10.{k}", "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0020|0037": "\\".join(f"{v:.8f}" for v in volume.direction[:, :2].T.ravel()),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))}
+        for tag, value in tags.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def test_dicom_seg_export_references_the_series(tmp_path):
+    import highdicom as hd
+
+    v = Volume(blobs((5, 16, 20)), (0.7, 0.7, 2.5), (-10.0, 20.0, 30.0), rotation(0, 0, 10))
+    volume = io.read_image(write_dicom_series(tmp_path / "ct", v))
+    assert len(volume.dicom_files) == 5
+    masks = np.stack([volume.array > 300, volume.array < -500])
+    io.write_dicom_seg(volume, masks, ["liver", "one small round lesion"], tmp_path / "seg.dcm")
+    seg = hd.seg.segread(str(tmp_path / "seg.dcm"))
+    assert seg.number_of_segments == 2
+    labels = [seg.get_segment_description(i).segment_label for i in (1, 2)]
+    assert labels == ["liver", "one small round lesion"]
+    assert seg.get_segment_description(1).segmented_property_type.value == "10200004"  # SNOMED CT liver
+    sop_uids = [sitk.ReadImage(f).GetMetaData("0008|0018") for f in volume.dicom_files]
+    by_source = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=sop_uids, segment_numbers=[1, 2], ignore_spatial_locations=True)
+    np.testing.assert_array_equal(by_source.astype(bool), np.moveaxis(masks, 0, -1))
+
+
+def test_dicom_seg_needs_a_dicom_input(tmp_path):
+    with pytest.raises(InputError, match="DICOM series"):
+        io.check_output_path(tmp_path / "x.dcm", is_2d=False)

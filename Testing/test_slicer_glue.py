@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import vtk
 from conftest import blobs, rotation
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is part of Testing/requirements.txt")
@@ -286,3 +285,45 @@ def test_settings_live_in_a_parameter_node(scene):
     s = Settings(prompts=["liver", "left kidney"], plane="coronal", threshold=0.35, keep_largest=True, min_voxels=7)
     s.save(node)
     assert Settings.load(node) == s
+
+
+def test_export_for_finetuning_reads_back_as_a_training_set(scene, tmp_path, tiny_model):
+    from medvlsm import training
+    from medvlsm.datasets import read_volume_folder
+
+    arr = blobs((6, 16, 18))
+    node = volume_node(scene, arr, GEOMETRIES["oblique"])
+    seg = glue.new_segmentation(scene, node)
+    liver = arr > 300
+    glue.write_masks(seg, node, liver[None], ["liver"])
+    before = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+    volume_path, seg_path = glue.export_training_pair(scene, node, seg, tmp_path, "case 1".replace(" ", "_"))
+    assert sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())) == before
+    (pair,) = read_volume_folder(tmp_path / "volumes", tmp_path / "segmentations")
+    volume, masks, names = pair.load()
+    assert names == ["liver"] and volume.same_grid(glue.volume_from_node(node))
+    np.testing.assert_array_equal(masks[0], liver)
+    samples = training.samples_from_volumes([pair], tiny_model.spec)
+    assert samples and all(s.prompts["p1"] == "liver" for s in samples)
+    argv = glue.finetune_command("PythonSlicer", tmp_path, tmp_path / "model")
+    assert argv[1:4] == ["-m", "medvlsm.cli", "finetune"] and str(tmp_path / "volumes") in argv
+
+
+def test_dicom_seg_export_from_a_dicom_loaded_volume(scene, tmp_path):
+    import highdicom as hd
+    from test_io import write_dicom_series
+
+    v = Volume(blobs((4, 12, 14)), (0.8, 0.8, 3.0), (5.0, -5.0, 40.0), rotation(0, 0, 20))
+    read = io.read_image(write_dicom_series(tmp_path / "series", v))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    m = np.eye(4)
+    m[:3, :3] = lps_to_ras @ read.direction @ np.diag(read.spacing)
+    m[:3, 3] = lps_to_ras @ np.asarray(read.origin)
+    node = volume_node(scene, read.array, m)
+    seg = glue.new_segmentation(scene, node)
+    glue.write_masks(seg, node, (read.array > 300)[None], ["liver"])
+    glue.export_dicom_seg(seg, node, read.dicom_files, tmp_path / "seg.dcm")
+    dcm = hd.seg.segread(str(tmp_path / "seg.dcm"))
+    assert dcm.get_segment_description(1).segment_label == "liver"
+    with pytest.raises(glue.InputError, match="DICOM"):
+        glue.export_dicom_seg(seg, node, [], tmp_path / "x.dcm")

@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import Cancelled, InputError, MedVLSMError, ModelError
+
 log = logging.getLogger("medvlsm")
 
 EXIT_USER_ERROR = 2
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--prompt", "-p", action="append", required=True,
                      help="what to segment; repeat for several segments (one label each)")
     seg.add_argument("--output", "-o", required=True, help=".seg.nrrd (Slicer segmentation), .nii/.nii.gz/.nrrd/.mha "
-                     "(labelmap: label i = i-th prompt) or .png (2D inputs)")
+                     "(labelmap: label i = i-th prompt), .png (2D inputs) or .dcm (DICOM SEG, for DICOM series inputs)")
     seg.add_argument("--probabilities", default=None, help="also write float32 probabilities (.nii.gz/.nrrd/.mha)")
     seg.add_argument("--overlay", default=None, help="also write a PNG montage of slices with the masks")
     _add_segment_options(seg)
@@ -131,8 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- sub-commands ------------------------------------------------------------------------------
 
 def _parse_slices(text):
-    from .errors import InputError
-
     if not text:
         return None
     try:
@@ -163,13 +163,12 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
 
     from . import io
     from .engine import Engine, plan, resolve_device
-    from .errors import InputError
     from .postprocess import PostProcess, labelmap
     from .preprocess import choose_window
 
     volume = io.read_image(input_path)
     is_2d = volume.shape[0] == 1
-    extensions = [io.check_output_path(o, is_2d=is_2d) for o in outputs]
+    extensions = [io.check_output_path(o, is_2d=is_2d, dicom=bool(volume.dicom_files)) for o in outputs]
     if probabilities:
         io.check_output_path(probabilities, is_2d=is_2d, kind="probabilities")
     if overlay and io.extension(overlay) != ".png":
@@ -197,6 +196,8 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
     for output, ext in zip(outputs, extensions):
         if ext == ".seg.nrrd":
             io.write_seg_nrrd(volume, masks, result.prompts, output)
+        elif ext == ".dcm":
+            io.write_dicom_seg(volume, masks, result.prompts, output, result.model_name)
         else:
             io.write_labelmap(volume, labelmap(masks, result.probabilities), output)
     if probabilities:
@@ -237,7 +238,6 @@ DEMO_PROMPTS = ["lung", "heart", "lung tumor"]
 
 
 def cmd_demo(args):
-    from .errors import ModelError
     from .models import load_model
     from .resources import resource
 
@@ -262,7 +262,6 @@ def cmd_demo(args):
 
 
 def cmd_download(args):
-    from .errors import ModelError
     from .models import fetch, registry
 
     specs = registry()
@@ -285,12 +284,11 @@ def cmd_init(args):
 def cmd_prompts(args):
     import json
 
-    from .errors import InputError
     from .prompts import Attributes, geometry_attributes, ladder
 
     if args.attributes:
         try:
-            entries = json.loads(Path(args.attributes).read_text())
+            entries = json.loads(Path(args.attributes).read_text(encoding="utf-8"))
             ladders = [ladder(Attributes.from_dict(e)) for e in entries]
         except (OSError, ValueError, TypeError) as e:
             raise InputError(f"Cannot use {args.attributes}: {e}",
@@ -320,10 +318,17 @@ def cmd_prompts(args):
             print(f"{key}: {text}")
 
 
+def _check_prompt_types(types, allow_random=False):
+    from .prompts import PROMPT_TYPES
+
+    allowed = PROMPT_TYPES + (("random",) if allow_random else ())
+    bad = [t for t in types if t not in allowed]
+    if bad:
+        raise InputError(f"Unknown prompt type(s) {bad}", f"Use {' '.join(allowed)}")
+
+
 def cmd_evaluate(args):
     from . import evaluation
-    from .errors import InputError
-
     out = Path(args.output)
     if out.suffix.lower() != ".csv":
         raise InputError(f"--output {out} must end in .csv", "The summary, plot and overlays are written beside it")
@@ -343,9 +348,7 @@ def cmd_evaluate(args):
         from .models import load_model
 
         items = read_annotations(args.data, args.images, args.masks)[: args.limit]
-        bad = [t for t in args.prompt_type if t not in (f"p{i}" for i in range(10))]
-        if bad:
-            raise InputError(f"Unknown prompt type(s) {bad}", "Use p0 .. p9")
+        _check_prompt_types(args.prompt_type)
         engine = Engine(load_model(args.model), device=args.device, precision=args.precision,
                         batch_size=args.batch_size, cache_bytes=256 << 20)
         update, close = _progress_bar(args.quiet, "evaluating")
@@ -366,7 +369,7 @@ def cmd_evaluate(args):
     if robust:
         report += ["", "## Prompt robustness", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
                                                      for k, v in robust.items()]
-    out.with_suffix(".md").write_text("\n".join(report) + "\n")
+    out.with_suffix(".md").write_text("\n".join(report) + "\n", encoding="utf-8")
     evaluation.box_plot(rows, out.with_name(out.stem + "_boxplot.png"))
     if worst is not None:
         worst.save(out.parent, out.stem)
@@ -378,12 +381,9 @@ def cmd_evaluate(args):
 
 def cmd_finetune(args):
     from . import training
-    from .errors import InputError
     from .models import load_model
 
-    bad = [t for t in args.prompt_type if t not in training.PROMPT_TYPES + ("random",)]
-    if bad:
-        raise InputError(f"Unknown prompt type(s) {bad}", "Use p0 .. p9 or random")
+    _check_prompt_types(args.prompt_type, allow_random=True)
     model = load_model(args.model)
     spec = model.spec
     if args.volumes or args.segmentations:
@@ -458,8 +458,6 @@ def main(argv=None) -> int:
     log.handlers[:] = [_OneLine()]
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     log.propagate = False
-    from .errors import Cancelled, MedVLSMError
-
     try:
         COMMANDS[args.command](args)
     except Cancelled as e:

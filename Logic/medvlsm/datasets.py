@@ -67,7 +67,7 @@ def read_annotations(path, images, masks) -> list[AnnotatedImage]:
     """The paper's JSON list (``img_name``, ``mask_name``, ``prompts``) with its image/mask folders."""
     path, images, masks = Path(path), Path(images), Path(masks)
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"Cannot read annotation file {path} ({e.__class__.__name__})",
                          "Give a JSON list of objects with img_name, mask_name and prompts") from e

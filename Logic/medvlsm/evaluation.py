@@ -166,7 +166,7 @@ def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", thr
 
 def write_csv(rows: list[dict], path) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

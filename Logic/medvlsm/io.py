@@ -17,7 +17,7 @@ from .errors import InputError
 from .volume import Volume
 
 LABELMAP_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-SEGMENTATION_EXTENSIONS = (".seg.nrrd",)
+SEGMENTATION_EXTENSIONS = (".seg.nrrd", ".dcm")
 IMAGE_2D_EXTENSIONS = (".png",)
 OUTPUT_EXTENSIONS = SEGMENTATION_EXTENSIONS + LABELMAP_EXTENSIONS + IMAGE_2D_EXTENSIONS
 _2D_INPUTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -95,9 +95,10 @@ def read_image(path) -> Volume:
     p = Path(path)
     if not p.exists():
         raise InputError(f"Input not found: {p}", "Check the path (a file, or a folder holding one DICOM series)")
+    files = ()
     try:
         if p.is_dir():
-            image = _read_dicom_series(p)
+            image, files = _read_dicom_series(p)
         else:
             image = sitk.ReadImage(str(p))
     except InputError:
@@ -109,6 +110,7 @@ def read_image(path) -> Volume:
             "Convert it to NIfTI/NRRD, or check that the download/copy is complete",
         ) from e
     volume = volume_from_sitk(image, source=p.name)
+    volume.dicom_files = tuple(files)
     volume.validate()
     return volume
 
@@ -123,12 +125,13 @@ def _read_dicom_series(folder: Path):
             f"Folder {folder} holds {len(series)} DICOM series",
             "Put each series in its own folder (or load it in Slicer's DICOM browser and use the module)",
         )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+    reader.SetFileNames(files)
+    return reader.Execute(), files
 
 
-def check_output_path(path, *, is_2d: bool, kind: str = "output") -> str:
+def check_output_path(path, *, is_2d: bool, kind: str = "output", dicom: bool = False) -> str:
     """Fail before the model runs if the result could not be written. Returns the extension."""
     ext = extension(path)
     allowed = OUTPUT_EXTENSIONS if kind == "output" else LABELMAP_EXTENSIONS
@@ -139,6 +142,9 @@ def check_output_path(path, *, is_2d: bool, kind: str = "output") -> str:
         )
     if ext == ".png" and not is_2d:
         raise InputError("A .png output holds one 2D slice but the input is a volume", "Use .seg.nrrd or .nii.gz")
+    if ext == ".dcm" and not dicom:
+        raise InputError("A DICOM SEG (.dcm) output needs a DICOM series as input (it references its slices)",
+                         "Give the DICOM series folder as input, or write .seg.nrrd / .nii.gz")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise InputError(f"Output folder {parent} does not exist", "Create it first or choose another path")
@@ -162,6 +168,57 @@ def write_probabilities(volume: Volume, probabilities: np.ndarray, path) -> None
     probabilities = probabilities.astype(np.float32, copy=False)
     array = probabilities[0] if len(probabilities) == 1 else np.moveaxis(probabilities, 0, -1)
     _sitk().WriteImage(volume_to_sitk(volume, array, vector=len(probabilities) > 1), str(path), useCompression=True)
+
+
+# ---- DICOM SEG (highdicom) ---------------------------------------------------------------------
+
+def _segment_codes(name: str):
+    from pydicom.sr.coding import Code
+
+    from .vocabulary import lookup
+
+    structure = lookup(name)
+    if structure is None:  # a free-text prompt: generic tissue, the prompt as label
+        return Code("91723000", "SCT", "Anatomical Structure"), Code("85756007", "SCT", "Tissue")
+    category_code, category_meaning = structure.category_code
+    return Code(category_code, "SCT", category_meaning), Code(structure.code, "SCT", structure.meaning)
+
+
+def write_dicom_seg(volume: Volume, masks: np.ndarray, names, path, model_name: str = "medvlsm") -> None:
+    """Masks ``[S, K, J, I]`` of a volume read from a DICOM series -> a binary DICOM SEG referencing
+    its slices, one segment per mask, coded from the anatomy vocabulary (SNOMED CT)."""
+    try:
+        import highdicom as hd
+        import pydicom
+        from pydicom.sr.codedict import codes
+    except ImportError as e:
+        raise InputError("DICOM SEG export needs the highdicom package", "pip install highdicom") from e
+
+    from . import __version__
+
+    if not volume.dicom_files:
+        raise InputError("The volume was not read from a DICOM series", "Export .seg.nrrd or .nii.gz instead")
+    sources = [pydicom.dcmread(f) for f in volume.dicom_files]
+    for ds in sources:  # in memory only: many series omit SliceThickness, which highdicom requires
+        if "SliceThickness" not in ds:
+            ds.SliceThickness = f"{volume.spacing[2]:.6g}"
+    algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    for number, name in enumerate(names, start=1):
+        category, kind = _segment_codes(name)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=(str(name) or "empty prompt")[:64],
+            segmented_property_category=category, segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=np.moveaxis(np.asarray(masks, np.uint8), 0, -1),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="MedVLSM-Slicer", manufacturer_model_name=model_name, software_versions=__version__,
+        device_serial_number="0", content_description="Text-prompted segmentation (research use)",
+        omit_empty_frames=False)
+    seg.save_as(str(path))
 
 
 # ---- 3D Slicer segmentation files (.seg.nrrd) -------------------------------------------

@@ -303,7 +303,7 @@ def evaluate_samples(model, samples, config, loss_fn, device, dtype, rank=0, wor
 
 
 def write_curves(history: list[dict], output: Path) -> None:
-    with open(output / "training_log.csv", "w", newline="") as f:
+    with open(output / "training_log.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
@@ -325,9 +325,9 @@ def write_curves(history: list[dict], output: Path) -> None:
 
 
 def write_model_card(output: Path, model, config: TrainConfig, summary: dict, n_train: int, n_val: int) -> None:
-    spec = json.loads((output / "medvlsm.json").read_text()) if (output / "medvlsm.json").is_file() else {}
+    spec = json.loads((output / "medvlsm.json").read_text(encoding="utf-8")) if (output / "medvlsm.json").is_file() else {}
     spec.update(trained=True, description=f"Finetuned with medvlsm on {n_train} samples")
-    (output / "medvlsm.json").write_text(json.dumps(spec, indent=2))
+    (output / "medvlsm.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
     card = [
         f"# {output.name}", "",
         f"Finetuned from `{model.spec.name}` ({model.spec.arch}) with `medvlsm finetune`.", "",
@@ -343,4 +343,4 @@ def write_model_card(output: Path, model, config: TrainConfig, summary: dict, n_
         "`training_log.csv`. Use: `medvlsm segment IMAGE --model THIS_FOLDER --prompt ...`.",
         "", "```json", json.dumps(asdict(config), indent=2), "```",
     ]
-    (output / "README.md").write_text("\n".join(card) + "\n")
+    (output / "README.md").write_text("\n".join(card) + "\n", encoding="utf-8")

@@ -33,7 +33,7 @@ class Structure:
 
 @functools.lru_cache(maxsize=1)
 def _table() -> dict:
-    data = json.loads(resource("Prompts", "anatomy.json").read_text())
+    data = json.loads(resource("Prompts", "anatomy.json").read_text(encoding="utf-8"))
     table = {}
     for s in data["structures"]:
         entry = Structure(s["name"], tuple(c / 255 for c in s["color"]), s["category"], s["code"], s["meaning"])

@@ -48,6 +48,7 @@ class Volume:
         origin: LPS position (mm) of voxel ``(0, 0, 0)``.
         direction: 3x3 matrix whose columns are the LPS unit vectors of the ``i, j, k`` axes.
         source: where it came from (file path, node name), for messages only.
+        dicom_files: for a DICOM series, the file of each slice (DICOM SEG export references them).
     """
 
     array: np.ndarray
@@ -55,6 +56,7 @@ class Volume:
     origin: tuple = (0.0, 0.0, 0.0)
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
     source: str = ""
+    dicom_files: tuple = ()  # the DICOM instances of slices k = 0..K-1, when read from a series
 
     def __post_init__(self):
         self.spacing = tuple(float(s) for s in self.spacing)
@@ -82,7 +84,7 @@ class Volume:
 
     def with_array(self, array: np.ndarray) -> "Volume":
         """A volume on the same grid holding ``array`` (labels, probabilities...)."""
-        return Volume(array, self.spacing, self.origin, self.direction.copy(), self.source)
+        return Volume(array, self.spacing, self.origin, self.direction.copy(), self.source, self.dicom_files)
 
     def fingerprint(self) -> str:
         """Content + geometry hash: the key of the image-feature cache outside Slicer."""

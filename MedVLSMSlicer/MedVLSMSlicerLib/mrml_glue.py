@@ -320,6 +320,24 @@ def save_node(scene, node, path) -> None:
         raise InputError(f"Could not write {path}", "Check that the folder exists and is writable")
 
 
+def export_dicom_seg(segmentation_node, volume_node, dicom_files, path) -> None:
+    """Segments -> DICOM SEG referencing the volume's own DICOM instances (one file per slice k)."""
+    from medvlsm.io import write_dicom_seg
+
+    files = list(dicom_files or [])
+    volume = volume_from_node(volume_node)
+    if len(files) != volume.shape[0]:
+        raise InputError(f"{volume_node.GetName()} was not loaded from a DICOM series (no instance per slice)",
+                         "Load the series through the DICOM module, or export .seg.nrrd")
+    volume.dicom_files = tuple(files)
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    if not ids:
+        raise InputError("The segmentation has no segments", "Apply a result first")
+    masks = np.stack([read_segment(segmentation_node, sid, volume_node) for sid in ids])
+    write_dicom_seg(volume, masks, [segmentation.GetSegment(sid).GetName() for sid in ids], path)
+
+
 def export(scene, segmentation_node, volume_node, path, logic=None) -> None:
     """``.seg.nrrd`` (segments as they are) or ``.nii.gz``/``.nrrd`` (labelmap on the volume grid)."""
     path = str(path)
@@ -388,3 +406,48 @@ def oriented_image_like(mask: np.ndarray, image):
     extent = image.GetExtent()
     result.SetExtent(extent)
     return result
+
+
+# ---- finetuning from Slicer segmentations -------------------------------------------------------
+
+def export_training_pair(scene, volume_node, segmentation_node, folder, name: str | None = None) -> tuple:
+    """Write ``volumes/NAME.nrrd`` and ``segmentations/NAME.seg.nrrd`` (segments on the volume's grid,
+    segment names = prompts), the layout ``medvlsm finetune --volumes --segmentations`` reads."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    name = name or volume_node.GetName().replace(" ", "_")
+    (folder / "volumes").mkdir(parents=True, exist_ok=True)
+    (folder / "segmentations").mkdir(parents=True, exist_ok=True)
+    volume_path = folder / "volumes" / f"{name}.nrrd"
+    seg_path = folder / "segmentations" / f"{name}.seg.nrrd"
+    with temporary_nodes(scene):
+        had_storage = volume_node.GetStorageNode() is not None
+        storage = volume_node.GetStorageNode() if had_storage else None
+        previous = storage.GetFileName() if storage is not None else None
+        save_node(scene, volume_node, volume_path)
+        if storage is not None:  # keep the user's own file association
+            storage.SetFileName(previous)
+        elif not had_storage:
+            volume_node.SetAndObserveStorageNodeID(None)
+    # segments exported on the volume's grid so training slices line up voxel for voxel
+    from medvlsm.io import write_seg_nrrd
+
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    masks = np.stack([read_segment(segmentation_node, sid, volume_node) for sid in ids])
+    names = [segmentation.GetSegment(sid).GetName() for sid in ids]
+    colors = [segmentation.GetSegment(sid).GetColor() for sid in ids]
+    write_seg_nrrd(volume_from_node(volume_node), masks, names, seg_path, colors)
+    return volume_path, seg_path
+
+
+def finetune_command(python: str, folder, output, model: str = "", epochs: int = 30, plane: str = "axial") -> list:
+    """The out-of-process training command (Slicer runs it with ``PythonSlicer``)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    argv = [python, "-m", "medvlsm.cli", "finetune", "--volumes", str(folder / "volumes"), "--segmentations",
+            str(folder / "segmentations"), "--output", str(output), "--epochs", str(epochs), "--plane", plane,
+            "--prompt-type", "p1", "p4", "p5"]
+    return argv + (["--model", model] if model else [])

@@ -31,7 +31,7 @@ def ui_file() -> Path:
 
 class PanelController:
     def __init__(self, root, scene, session: Session, parameter_node=None, *, ask_folder=None, ask_save_path=None,
-                 current_slice=None, registry_names=None):
+                 current_slice=None, dicom_files=None, registry_names=None):
         self.root = root
         self.ui = qt_compat.children_by_name(root)
         self.scene = scene
@@ -40,6 +40,7 @@ class PanelController:
         self.ask_folder = ask_folder or (lambda: None)
         self.ask_save_path = ask_save_path or (lambda fmt: None)
         self.current_slice = current_slice or (lambda volume_node, plane: None)
+        self.dicom_files = dicom_files or (lambda volume_node: [])
         self.settings = Settings.load(parameter_node) if parameter_node is not None else Settings()
         self.job = None
         self.job_volume = None
@@ -311,14 +312,13 @@ class PanelController:
         try:
             if segmentation is None or volume is None:
                 raise InputError("Nothing to export", "Apply a result to a segmentation and select it above")
-            if fmt == "DICOM SEG":
-                raise InputError("DICOM SEG export needs Slicer's DICOM module and a volume loaded from DICOM",
-                                 "In Slicer: right-click the segmentation in the Data module > Export to DICOM; "
-                                 "outside Slicer use .seg.nrrd")
             path = self.ask_save_path(fmt)
             if not path:
                 return
-            glue.export(self.scene, segmentation, volume, path)
+            if fmt == "DICOM SEG":
+                glue.export_dicom_seg(segmentation, volume, self.dicom_files(volume), path)
+            else:
+                glue.export(self.scene, segmentation, volume, path)
         except Exception as e:
             self.status(readable(e), error=True)
             return

@@ -25,7 +25,7 @@ ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation"}
 
 @functools.lru_cache(maxsize=1)
 def _registry_json() -> dict:
-    return json.loads(resource("models.json").read_text())
+    return json.loads(resource("models.json").read_text(encoding="utf-8"))
 
 
 def registry() -> dict[str, ModelSpec]:
@@ -54,7 +54,7 @@ def _model_class(arch: str):
 def _folder_spec(folder: Path, fallback: ModelSpec | None = None) -> ModelSpec:
     config_path = folder / "config.json"
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelError(f"Model folder {folder} has no readable config.json ({e.__class__.__name__})",
                          "Point --model at a folder written by save_pretrained / `medvlsm init` / `medvlsm finetune`") from e
@@ -63,13 +63,13 @@ def _folder_spec(folder: Path, fallback: ModelSpec | None = None) -> ModelSpec:
         raise ModelError(f"Model folder {folder} holds a {arch or 'unknown'!r} model, not a supported VLSM",
                          f"Supported: {', '.join(ARCHITECTURES)}")
     if (folder / SPEC_FILE).is_file():
-        return ModelSpec.from_dict({"arch": arch, "name": folder.name, **json.loads((folder / SPEC_FILE).read_text())})
+        return ModelSpec.from_dict({"arch": arch, "name": folder.name, **json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))})
     if fallback is not None:
         return fallback
     spec = dict(_arch_defaults(arch), name=folder.name, arch=arch, source=str(folder))
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
-        p = json.loads(pre.read_text())
+        p = json.loads(pre.read_text(encoding="utf-8"))
         spec.update({k: tuple(p[src]) for k, src in (("mean", "image_mean"), ("std", "image_std")) if src in p})
     return ModelSpec.from_dict(spec)
 

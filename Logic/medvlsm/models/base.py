@@ -11,7 +11,7 @@ import unicodedata
 
 import torch
 
-from .spec import SPEC_FILE, ModelSpec  # noqa: F401  (re-exported: models import both from here)
+from .spec import ModelSpec
 
 log = logging.getLogger("medvlsm")
 

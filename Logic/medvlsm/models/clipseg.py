@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelSpec, VLSM
+from .base import VLSM
+from .spec import ModelSpec
 
 
 def quiet_transformers() -> None:

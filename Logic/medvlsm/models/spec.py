@@ -34,6 +34,6 @@ class ModelSpec:
 
     def save(self, folder) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "weights_files"}
-        Path(folder, SPEC_FILE).write_text(json.dumps(data, indent=2))
+        Path(folder, SPEC_FILE).write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
