@@ -10,7 +10,7 @@ MODULE = ROOT / "MedVLSMSlicer"
 
 
 def cmake(path):
-    return (path / "CMakeLists.txt").read_text()
+    return (path / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def test_top_level_cmake_has_the_extension_metadata():
@@ -36,7 +36,7 @@ def test_every_script_and_resource_ships():
 
 
 def classes(path):
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     return {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
 
 
@@ -48,14 +48,14 @@ def test_module_classes_and_effect_base():
     assert found["MedVLSMSlicerTest"] == ["ScriptedLoadableModuleTest"]
     effect = classes(MODULE / "MedVLSMSlicerLib" / "SegmentEditorEffect.py")
     assert effect["SegmentEditorEffect"] == ["AbstractScriptedSegmentEditorEffect"]
-    source = (MODULE / "MedVLSMSlicerLib" / "SegmentEditorEffect.py").read_text()
+    source = (MODULE / "MedVLSMSlicerLib" / "SegmentEditorEffect.py").read_text(encoding="utf-8")
     assert "modifySelectedSegmentByLabelmap" in source and "saveStateForUndo" in source
 
 
 def test_heavy_imports_are_lazy():
     """Loading the module must not import torch/transformers (Slicer starts fast)."""
     for path in [MODULE / "MedVLSMSlicer.py", *(MODULE / "MedVLSMSlicerLib").glob("*.py")]:
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         names = {a.name.split(".")[0] for n in top for a in n.names} | {
             (n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
@@ -64,5 +64,5 @@ def test_heavy_imports_are_lazy():
 
 def test_logic_package_imports_neither_slicer_nor_qt():
     for path in (ROOT / "Logic" / "medvlsm").rglob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(import|from)\s+(slicer|qt|Qt|PySide6|vtk)\b", text, re.M), path

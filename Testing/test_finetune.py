@@ -161,5 +161,5 @@ def test_volumes_and_segmentations_become_slices_with_empty_ones(tmp_path, tiny_
     assert main(["--quiet", "finetune", "--volumes", str(volumes), "--segmentations", str(segs), "--model",
                  str(folder), "--output", str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "4",
                  "--prompt-type", "p1", "p5"]) == 0
-    card = (tmp_path / "ft" / "README.md").read_text()
-    assert "p1, p5" in card and json.loads((tmp_path / "ft" / "medvlsm.json").read_text())["trained"]
+    card = (tmp_path / "ft" / "README.md").read_text(encoding="utf-8")
+    assert "p1, p5" in card and json.loads((tmp_path / "ft" / "medvlsm.json").read_text(encoding="utf-8"))["trained"]

@@ -23,7 +23,7 @@ needs_anns = pytest.mark.skipif(not ANNS.is_dir(), reason=f"reference annotation
 @needs_anns
 @pytest.mark.parametrize("path", sorted(ANNS.glob("*.json")) if ANNS.is_dir() else [], ids=lambda p: p.name)
 def test_every_reference_ladder_is_rebuilt_string_exact(path):
-    entries = json.loads(path.read_text())
+    entries = json.loads(path.read_text(encoding="utf-8"))
     for entry in entries:
         attributes = parse_ladder(entry["prompts"])
         assert ladder(attributes) == entry["prompts"], entry["img_name"]
@@ -31,7 +31,7 @@ def test_every_reference_ladder_is_rebuilt_string_exact(path):
 
 @needs_anns
 def test_cli_attributes_json_gives_the_reference_structure(tmp_path, capsys):
-    entries = json.loads((ANNS / "kvasir_polyp.test.json").read_text())[:5]
+    entries = json.loads((ANNS / "kvasir_polyp.test.json").read_text(encoding="utf-8"))[:5]
     attrs = []
     for e in entries:
         a = parse_ladder(e["prompts"])
@@ -140,7 +140,7 @@ def test_evaluate_files_of_any_tool(tmp_path, capsys):
     assert float(rows["case1"]["dice"]) == pytest.approx(0.6)
     assert float(rows["case1"]["hd95"]) == pytest.approx(4.0)  # 2 rows of 2 mm
     assert float(rows["case2"]["dice"]) == 1.0
-    assert (tmp_path / "r.md").read_text().count("|") > 10 and (tmp_path / "r_boxplot.png").is_file()
+    assert (tmp_path / "r.md").read_text(encoding="utf-8").count("|") > 10 and (tmp_path / "r_boxplot.png").is_file()
 
 
 def synthetic_dataset(folder: Path, count: int = 4):
@@ -179,7 +179,7 @@ def test_evaluate_a_model_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert len(rows) == 4 * 3 and {r["prompt_type"] for r in rows} == {"p1", "p6", "p9"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["dice_model_res"]) <= 1.0 for r in rows)
     assert rows[0]["prompt"] == "square"
-    report = out.with_suffix(".md").read_text()
+    report = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| p6 | 4 |" in report and "dice_gain_over_empty_prompt" in report and "empty_images: 1" in report
     assert len(list(out.parent.glob("results_worst*.png"))) == 3
 

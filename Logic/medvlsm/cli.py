@@ -357,8 +357,9 @@ def cmd_evaluate(args):
             rows = evaluation.evaluate_model(engine, items, args.prompt_type, threshold=args.threshold,
                                              resize=args.resize if args.resize != "letterbox" else "stretch",
                                              nsd_tolerance_mm=args.nsd_tolerance, progress=update, keep=worst)
-            if args.robustness:
-                robust = evaluation.robustness(engine, items, args.prompt_type[0], args.threshold)
+            if args.robustness:  # the "correct" prompt: the first real (non-empty) type asked for
+                correct = next((t for t in args.prompt_type if t != "p0"), "p1")
+                robust = evaluation.robustness(engine, items, correct, args.threshold)
         finally:
             close()
     else:

@@ -76,8 +76,9 @@ def read_annotations(path, images, masks) -> list[AnnotatedImage]:
                          "mask_name and prompts (see Resources/ or the paper's medvlsm-anns)")
     items = []
     for e in entries:
-        items.append(AnnotatedImage(Path(e["img_name"]).stem, resolve(images, e["img_name"]),
-                                    resolve(masks, e.get("mask_name", e["img_name"])), e.get("prompts", {})))
+        mask_name = e.get("mask_name", e["img_name"])  # unique per entry: an image may have several targets
+        items.append(AnnotatedImage(Path(mask_name).stem, resolve(images, e["img_name"]), resolve(masks, mask_name),
+                                    e.get("prompts", {})))
     return items
 
 

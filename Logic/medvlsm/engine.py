@@ -134,6 +134,7 @@ class Engine:
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict = OrderedDict()
         self._text_cache: dict = {}
+        self._warned: set = set()
 
     # -- helpers -------------------------------------------------------------------------
     def _autocast(self):
@@ -243,7 +244,9 @@ class Engine:
         if not spec.trained:
             warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
         for w in warnings:
-            log.warning(w)
+            if w not in self._warned:  # once per engine: evaluation calls segment thousands of times
+                self._warned.add(w)
+                log.warning(w)
         return SegmentationResult(
             grid=volume,
             prompts=cleaned, probabilities=probabilities, threshold=spec.threshold, plane=plane,

@@ -118,7 +118,7 @@ def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, thresho
                 raise InputError(f"{item.name} has no prompt of type {ptype}",
                                  f"Use one of {', '.join(sorted(item.prompts))}")
             prompt = strings(item.prompts, ptype)[0]
-            result = engine.segment(image, [prompt], resize=resize, cache_key=item.name)
+            result = engine.segment(image, [prompt], resize=resize, cache_key=str(item.image))
             t = result.threshold if threshold is None else threshold
             prob = result.probabilities[0, 0]
             row = {"case": item.name, "prompt_type": ptype, "prompt": prompt,
@@ -143,7 +143,7 @@ def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", thr
         probs = {}
         for key, prompt in (("correct", strings(item.prompts, prompt_type)[0]), ("empty", ""),
                             ("unrelated", UNRELATED_PROMPT)):
-            r = engine.segment(image, [prompt], cache_key=item.name)
+            r = engine.segment(image, [prompt], cache_key=str(item.image))
             probs[key] = r.probabilities[0, 0] > (r.threshold if threshold is None else threshold)
         d = {k: score(v, truth)["dice"] for k, v in probs.items()}
         correct.append(d["correct"])
