@@ -20,7 +20,6 @@ LABELMAP_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_EXTENSIONS = (".seg.nrrd", ".dcm")
 IMAGE_2D_EXTENSIONS = (".png",)
 OUTPUT_EXTENSIONS = SEGMENTATION_EXTENSIONS + LABELMAP_EXTENSIONS + IMAGE_2D_EXTENSIONS
-_2D_INPUTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # Distinct, colour-blind friendly segment colours (Okabe-Ito, then Slicer-like tints).
 PALETTE = [
@@ -36,10 +35,6 @@ def extension(path) -> str:
         if name.endswith(ext):
             return ext
     return os.path.splitext(name)[1]
-
-
-def is_2d_input(path) -> bool:
-    return extension(path) in _2D_INPUTS
 
 
 def _sitk():

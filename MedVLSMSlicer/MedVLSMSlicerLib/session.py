@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -60,9 +60,6 @@ class Settings:
                 value = type(default)(text)
             setattr(s, f.name, value)
         return s
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Job:
