@@ -1,0 +1,25 @@
+"""The benchmark keeps working: quick mode end to end (no timing assertions; figures are for README)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+pytestmark = pytest.mark.models
+
+
+def test_bench_quick_mode_runs(tmp_path):
+    import bench_engine
+
+    results = bench_engine.main(["--quick", "--naive-slices", "4", "--precision", "auto",
+                                 "--json", str(tmp_path / "bench.json")])
+    saved = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert saved["volume"] == "32x256x256" and saved["machine"]
+    engine = saved["cases"]["engine_auto"]
+    for key in ("seconds_per_slice", "reprompt_seconds", "preview_seconds", "peak_rss_mb", "speedup_vs_naive",
+                "reprompt_speedup"):
+        assert engine[key] > 0, key
+    assert results["cases"]["naive"]["slices"] == 4
