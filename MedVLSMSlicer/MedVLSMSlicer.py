@@ -54,19 +54,13 @@ def ensure_requirements(ask=True) -> bool:
     """Install the pinned requirements on first use, after the user agrees. Never at import time.
 
     numpy and SimpleITK come with Slicer and torch with the PyTorch extension: they are never
-    reinstalled. Returns True when everything is importable now.
+    reinstalled (they are not in requirements.txt). Returns True when everything is importable now.
     """
-    missing = []
-    for module in ("transformers", "monai", "nrrd", "scipy", "tqdm", "matplotlib"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
     try:
         import torch  # noqa: F401
     except ImportError:
         try:
-            import PyTorchUtils  # the SlicerPyTorch extension
+            import PyTorchUtils  # the SlicerPyTorch extension picks the right CUDA/CPU build
 
             if ask and not slicer.util.confirmOkCancelDisplay(
                     "MedVLSM needs PyTorch. Install it now with the PyTorch extension (the right build for this "
@@ -77,23 +71,36 @@ def ensure_requirements(ask=True) -> bool:
             slicer.util.errorDisplay("MedVLSM needs PyTorch: install the 'PyTorch' extension from the Extensions "
                                      "Manager, restart Slicer, and open this module again.")
             return False
-    if not missing:
+    pydeps = getattr(slicer, "pydeps", None)  # Slicer >= 5.11
+    if pydeps is not None:
+        requirements = pydeps.load_requirements(REQUIREMENTS)
+        satisfied = pydeps.pip_check(requirements)
+    else:
+        requirements, satisfied = None, _importable("transformers", "monai", "nrrd", "scipy", "tqdm", "matplotlib")
+    if satisfied:
         return True
     if ask and not slicer.util.confirmOkCancelDisplay(
-            f"MedVLSM needs these Python packages: {', '.join(missing)} (pinned versions from requirements.txt; "
-            "numpy, SimpleITK and torch are left as they are). Install them now?"):
+            "MedVLSM needs a few Python packages (transformers, monai ... pinned in requirements.txt; numpy, "
+            "SimpleITK and torch are left as they are). Install them now?"):
         return False
     with _busy():
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(requirements=REQUIREMENTS)
+        if pydeps is not None:
+            pydeps.pip_ensure(requirements, requester="MedVLSM")
         else:
             slicer.util.pip_install(f"-r {REQUIREMENTS}")
-    try:
-        for module in missing:
-            __import__(module)
-    except ImportError:
+    if not _importable("transformers", "monai", "nrrd"):
         slicer.util.infoDisplay("The packages were installed; please restart Slicer to use them.")
+        return False
+    return True
+
+
+def _importable(*modules) -> bool:
+    import importlib
+
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError:
         return False
     return True
 

@@ -91,7 +91,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         prompt = self.promptEdit.text.strip() or self._segment_name()
         segmentation = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         try:
-            self.source_image = self.scriptedEffect.sourceVolumeImageData()
+            # Slicer < 5.4 named it "master" (one of the renames users trip over)
+            read_source = getattr(self.scriptedEffect, "sourceVolumeImageData", None) or \
+                self.scriptedEffect.masterVolumeImageData
+            self.source_image = read_source()
             if self.source_image is None:
                 raise glue.InputError("No source volume", "Select a source volume in the Segment Editor")
             volume = glue.volume_from_oriented_image(self.source_image, glue.to_world(segmentation))
