@@ -122,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint/last.pt")
 
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
-    init.add_argument("--arch", default="clipseg", choices=["clipseg"])
+    init.add_argument("--arch", default="clipseg", choices=["clipseg", "biomedclipseg"])
     init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
     init.add_argument("--output", "-o", required=True)
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--input-size", type=int, default=352, help="square input side the model is fed (default 352)")
+    init.add_argument("--input-size", type=int, default=None,
+                      help="square input side the model is fed (default: the architecture's, 352 / 224)")
     return parser
 
 
@@ -271,10 +272,11 @@ def cmd_download(args):
 
 
 def cmd_init(args):
-    from .models.clipseg import CLIPSeg
+    from .models import _model_class
 
-    model = CLIPSeg.random(args.size, name=Path(args.output).name, seed=args.seed)
-    model.spec.input_size = args.input_size
+    model = _model_class(args.arch).random(args.size, name=Path(args.output).name, seed=args.seed)
+    if args.input_size is not None:
+        model.spec.input_size = args.input_size
     Path(args.output).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)
     n = sum(p.numel() for p in model.parameters()) / 1e6

@@ -151,12 +151,11 @@ def _all_sum(values: list[float], device) -> list[float]:
 # ---- the loop ----------------------------------------------------------------------------------
 
 def _freeze(model, how: str) -> None:
-    if how == "none":
-        return
-    clip = model.hf.clip
-    frozen = [clip.text_model, clip.text_projection] if how == "text" else [clip]
-    if how not in ("text", "encoders"):
+    """none: train everything; encoders: the decoder only (the paper's BiomedCLIPSeg); text: all but text."""
+    if how not in ("none", "text", "encoders"):
         raise InputError(f"Unknown --freeze {how!r}", "Use none, encoders or text")
+    towers = model.towers()
+    frozen = {"none": [], "text": towers["text"], "encoders": towers["image"] + towers["text"]}[how]
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)

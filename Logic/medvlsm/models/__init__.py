@@ -20,7 +20,7 @@ from .spec import SPEC_FILE, ModelSpec
 
 log = logging.getLogger("medvlsm")
 
-ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation"}
+ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "biomedclipseg": "BiomedCLIPSegModel"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,6 +48,10 @@ def _model_class(arch: str):
         from .clipseg import CLIPSeg
 
         return CLIPSeg
+    if arch == "biomedclipseg":
+        from .biomedclipseg import BiomedCLIPSeg
+
+        return BiomedCLIPSeg
     raise ModelError(f"Architecture {arch!r} is not supported", f"Use one of: {', '.join(ARCHITECTURES)}")
 
 

@@ -79,6 +79,10 @@ class VLSM(torch.nn.Module):
         """Training: image i with prompt i -> logits ``[B, S, S]`` (one module call, as DDP wants)."""
         return self.decode_paired(self.encode_images(pixels), self.encode_tokens(input_ids, attention_mask))
 
+    def towers(self) -> dict:
+        """``{"image": [modules], "text": [modules]}``: the pretrained encoders (what ``--freeze`` freezes)."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

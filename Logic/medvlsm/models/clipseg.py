@@ -91,6 +91,10 @@ class CLIPSeg(VLSM):
         self.tokenizer.save_pretrained(str(folder))
         self.spec.save(folder)
 
+    def towers(self):
+        clip = self.hf.clip
+        return {"image": [clip.vision_model, clip.visual_projection], "text": [clip.text_model, clip.text_projection]}
+
     # -- the three stages ------------------------------------------------------------------
     def encode_tokens(self, input_ids, attention_mask):
         return self.hf.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
@@ -109,15 +113,20 @@ class CLIPSeg(VLSM):
         return tuple(reduce(act) for act, reduce in zip(activations[::-1], reduces))
 
     def decode_paired(self, features, text):
-        decoder = self.hf.decoder
-        cond = text.to(features[0].dtype)
-        output = None
-        for i, (reduced, layer) in enumerate(zip(features, decoder.layers)):
-            output = reduced if output is None else reduced + output
-            if i == decoder.conditional_layer:
-                output = decoder.film_mul(cond)[:, None] * output + decoder.film_add(cond)[:, None]
-            output = layer(output, None)
-        output = output[:, 1:, :].transpose(1, 2)
-        side = int(round(output.shape[2] ** 0.5))
-        output = output.reshape(output.shape[0], output.shape[1], side, side)
-        return decoder.transposed_convolution(output)[:, 0]
+        return clipseg_decode(self.hf.decoder, features, text)
+
+
+def clipseg_decode(decoder, features, text):
+    """transformers' ``CLIPSegDecoder`` on pre-reduced features (deepest first) and one text embedding
+    per image (FiLM at ``conditional_layer``) -> logits ``[N, S, S]``. Shared by the CLIPSeg family."""
+    cond = text.to(features[0].dtype)
+    output = None
+    for i, (reduced, layer) in enumerate(zip(features, decoder.layers)):
+        output = reduced if output is None else reduced + output
+        if i == decoder.conditional_layer:
+            output = decoder.film_mul(cond)[:, None] * output + decoder.film_add(cond)[:, None]
+        output = layer(output, None)
+    output = output[:, 1:, :].transpose(1, 2)
+    side = int(round(output.shape[2] ** 0.5))
+    output = output.reshape(output.shape[0], output.shape[1], side, side)
+    return decoder.transposed_convolution(output)[:, 0]
