@@ -124,3 +124,34 @@ def test_init_segment_and_finetune_the_decoder_only(tmp_path, capsys):
         epochs=1, batch_size=2, freeze="encoders", precision="fp32"), device="cpu")
     changed = {k for k, p in model.hf.named_parameters() if not torch.equal(p.detach().cpu(), before[k])}
     assert changed and all(k.startswith("decoder.") for k in changed)
+
+
+@pytest.mark.models
+def test_convert_command_from_original_files(tmp_path, capsys):
+    """Original-format files in, our folder out, loaded and run: towers equal the reference forward."""
+    from medvlsm.models import load_model
+    from medvlsm.models.clipseg import CLIPSeg
+
+    sd = open_clip_state_dict("full")
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["liver", "kidney", "left"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in CLIPSeg.random("full", seed=2).hf.state_dict().items()},
+              str(tmp_path / "clipseg.safetensors"))
+    assert main(["convert", "--arch", "biomedclipseg-d", "--from", str(tmp_path / "open_clip_pytorch_model.bin"),
+                 str(tmp_path / "vocab.txt"), str(tmp_path / "clipseg.safetensors"), "-o", str(tmp_path / "d")]) == 0
+    model = load_model(tmp_path / "d")
+    assert model.spec.arch == "biomedclipseg" and model.spec.trained and model.spec.input_size == 224
+    assert model.tokenize(["left kidney"])["input_ids"][0].tolist() == [101, 132, 131, 102]  # PubMedBERT-style ids
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        reference = timm_vit_blocks(sd, pixels, 12, 10)
+        features = model.encode_images(pixels)
+        expected = [reduce(reference[i]) for i, reduce in zip((10, 7, 4), model.hf.decoder.reduces)]
+    for ours, ref in zip(features, expected):  # 11 fp32 blocks in another operation order: 1e-5 of the range
+        assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert main(["convert", "--arch", "biomedclipseg", "--from", str(tmp_path / "vocab.txt"), "-o",
+                 str(tmp_path / "x")]) == 2

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=42)
     ft.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint/last.pt")
 
+    cv = sub.add_parser("convert", help="original weights (open_clip BiomedCLIP, CIDAS CLIPSeg) -> a model folder")
+    cv.add_argument("--arch", required=True, choices=["biomedclipseg", "biomedclipseg-d"])
+    cv.add_argument("--from", dest="sources", nargs="+", required=True,
+                    help="open_clip_pytorch_model.bin and vocab.txt (BiomedCLIP hub repo); for -d also CLIPSeg weights "
+                         "(model.safetensors of CIDAS/clipseg-rd64-refined)")
+    cv.add_argument("--output", "-o", required=True)
+
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
     init.add_argument("--arch", default="clipseg", choices=["clipseg", "biomedclipseg"])
     init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
@@ -227,10 +234,10 @@ def cmd_models(args):
     from .models import default_model_name, registry
 
     default = default_model_name()
-    print(f"{'name':24} {'arch':10} {'input':>6} {'thr':>5} {'params':>8}  source / licence")
+    print(f"{'name':24} {'arch':14} {'input':>6} {'thr':>5} {'params':>8}  source / licence")
     for spec in registry().values():
         mark = " (default)" if spec.name == default else ""
-        print(f"{spec.name:24} {spec.arch:10} {spec.input_size:>6} {spec.threshold:>5} {spec.parameters_m:>7.1f}M  "
+        print(f"{spec.name:24} {spec.arch:14} {spec.input_size:>6} {spec.threshold:>5} {spec.parameters_m:>7.1f}M  "
               f"{spec.source}{mark}; {spec.licence}")
     print("A model folder (save_pretrained format, e.g. from `medvlsm init`) works anywhere a name does.")
 
@@ -269,6 +276,24 @@ def cmd_download(args):
     if args.name not in specs:
         raise ModelError(f"Unknown model {args.name!r}", f"Use one of: {', '.join(specs)}")
     print(fetch(specs[args.name]))
+
+
+def cmd_convert(args):
+    from .models.biomedclipseg import convert
+
+    files = [Path(f) for f in args.sources]
+    for f in files:
+        if not f.is_file():
+            raise InputError(f"{f} not found", "Give the original files' paths after --from")
+    vocab = [f for f in files if f.suffix == ".txt"]
+    weights = [f for f in files if f.suffix != ".txt"]
+    wanted = 2 if args.arch == "biomedclipseg-d" else 1
+    if len(vocab) != 1 or len(weights) != wanted:
+        raise InputError(f"{args.arch} needs {wanted} weights file(s) and one vocab.txt, got {len(weights)} and "
+                         f"{len(vocab)}", "Pass open_clip_pytorch_model.bin, vocab.txt" +
+                         (" and the CLIPSeg model.safetensors" if wanted == 2 else ""))
+    model = convert(weights[0], vocab[0], args.output, weights[1] if wanted == 2 else None, name=args.arch)
+    print(f"Wrote {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) to {args.output}")
 
 
 def cmd_init(args):
@@ -446,7 +471,7 @@ def cmd_finetune(args):
 
 
 COMMANDS = {"finetune": cmd_finetune, "segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,
-            "init": cmd_init, "prompts": cmd_prompts, "evaluate": cmd_evaluate}
+            "init": cmd_init, "prompts": cmd_prompts, "evaluate": cmd_evaluate, "convert": cmd_convert}
 
 
 class _OneLine(logging.Handler):

@@ -125,7 +125,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, al
 
 def _hf_repo(spec: ModelSpec) -> str:
     if not spec.source.startswith("hf:"):
-        raise ModelError(f"Model {spec.name} has no download source", "Pass its folder with --model")
+        raise ModelError(f"{spec.name}'s weights come in another format and must be converted once",
+                         spec.obtain or "Pass a converted model folder with --model")
     return spec.source[3:]
 
 

@@ -213,3 +213,49 @@ def convert_open_clip_state_dict(original: dict, layers: int = 12) -> dict:
 def convert_clipseg_decoder(clipseg_state_dict: dict) -> dict:
     """CIDAS CLIPSeg weights (``decoder.*``) -> this model's decoder, for BiomedCLIPSeg-D."""
     return {k: v for k, v in clipseg_state_dict.items() if k.startswith("decoder.")}
+
+
+def load_state_dict_file(path) -> dict:
+    """safetensors, or a pickled checkpoint opened with ``weights_only=True`` (never arbitrary code)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def convert(open_clip_weights, vocab, output, clipseg_weights=None, name: str | None = None) -> "BiomedCLIPSeg":
+    """BiomedCLIP's ``open_clip_pytorch_model.bin`` + PubMedBERT's ``vocab.txt`` (+ CLIPSeg weights for
+    the -D variant) -> a model folder in our format."""
+    from pathlib import Path
+
+    from transformers import BertTokenizer
+
+    from ..errors import ModelError
+
+    original = load_state_dict_file(open_clip_weights)
+    if "visual.trunk.cls_token" not in original:
+        raise ModelError(f"{open_clip_weights} is not a BiomedCLIP open_clip checkpoint (no visual.trunk.*)",
+                         "Pass open_clip_pytorch_model.bin of microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+    tokenizer = BertTokenizer(str(vocab), do_lower_case=True, model_max_length=256)
+    variant = "biomedclipseg-d" if clipseg_weights else "biomedclipseg"
+    model = BiomedCLIPSeg.random("full", name=name or variant, tokenizer=tokenizer)
+    state = convert_open_clip_state_dict(original)
+    if clipseg_weights:
+        state.update(convert_clipseg_decoder(load_state_dict_file(clipseg_weights)))
+    missing, unexpected = model.hf.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("decoder.") for k in missing):
+        raise ModelError(f"The checkpoint does not match BiomedCLIP ViT-B/16 + PubMedBERT ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected tensors)", "Check that the files are the original ones")
+    model.spec.trained = bool(clipseg_weights)  # BiomedCLIPSeg's decoder starts random: finetune it first
+    model.spec.source = str(open_clip_weights)
+    model.spec.licence = "MIT (BiomedCLIP)" + ("; Apache-2.0 (CLIPSeg decoder)" if clipseg_weights else "")
+    model.spec.description = ("BiomedCLIP encoders + pretrained CLIPSeg decoder" if clipseg_weights else
+                              "BiomedCLIP encoders + random CLIPSeg decoder (finetune with --freeze encoders)")
+    Path(output).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    return model

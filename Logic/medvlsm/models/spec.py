@@ -25,6 +25,7 @@ class ModelSpec:
     description: str = ""
     parameters_m: float = 0.0
     weights_files: list = field(default_factory=list)
+    obtain: str = ""  # how to get weights that need converting (shown when the name cannot be loaded)
     trained: bool = True  # False for random weights (tests, `medvlsm init`): masks are meaningless
 
     @classmethod
@@ -33,7 +34,7 @@ class ModelSpec:
         return cls(**known)
 
     def save(self, folder) -> None:
-        data = {k: v for k, v in asdict(self).items() if k != "weights_files"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("weights_files", "obtain")}
         Path(folder, SPEC_FILE).write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
