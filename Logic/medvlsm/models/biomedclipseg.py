@@ -17,8 +17,7 @@ import functools
 import torch
 from torch import nn
 
-from .base import VLSM
-from .clipseg import quiet_transformers
+from .clipseg import CLIPSegFamily, quiet_transformers
 from .spec import ModelSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -103,15 +102,8 @@ def _model_class():
     return BiomedCLIPSegModel
 
 
-class BiomedCLIPSeg(VLSM):
+class BiomedCLIPSeg(CLIPSegFamily):
     """The ``VLSM`` interface over ``BiomedCLIPSegModel`` (shared by BiomedCLIPSeg and -D)."""
-
-    def __init__(self, hf_model, tokenizer, spec: ModelSpec):
-        super().__init__()
-        self.hf = hf_model
-        self.tokenizer = tokenizer
-        self.spec = spec
-        self.extract_layers = list(hf_model.config.extract_layers)
 
     @classmethod
     def random(cls, size: str = "full", name: str | None = None, seed: int = 0, tokenizer=None) -> "BiomedCLIPSeg":
@@ -131,11 +123,6 @@ class BiomedCLIPSeg(VLSM):
         hf = _model_class().from_pretrained(str(folder), local_files_only=True).eval()
         return cls(hf, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spec)
 
-    def save_pretrained(self, folder) -> None:
-        self.hf.save_pretrained(str(folder), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(folder))
-        self.spec.save(folder)
-
     def towers(self):
         return {"image": [self.hf.vision], "text": [self.hf.text, self.hf.text_proj]}
 
@@ -143,22 +130,12 @@ class BiomedCLIPSeg(VLSM):
         hidden = self.hf.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.hf.text_proj(hidden[:, 0])  # open_clip's "cls_last_hidden_state_pooler" + MLP projection
 
-    def encode_images(self, pixels):
-        vision = self.hf.vision
-        hidden = vision.embeddings(pixels.to(vision.embeddings.patch_embeddings.projection.weight.dtype),
-                                   interpolate_pos_encoding=True)
-        wanted = {layer: i for i, layer in enumerate(self.extract_layers)}
-        activations = [None] * len(wanted)
-        for index, layer in enumerate(vision.layers[: max(self.extract_layers) + 1]):
-            hidden = layer(hidden, None)
-            if index in wanted:
-                activations[wanted[index]] = hidden
-        return tuple(reduce(act) for act, reduce in zip(activations[::-1], self.hf.decoder.reduces))
+    def embed(self, pixels):
+        embeddings = self.hf.vision.embeddings
+        return embeddings(pixels.to(embeddings.patch_embeddings.projection.weight.dtype), interpolate_pos_encoding=True)
 
-    def decode_paired(self, features, text):
-        from .clipseg import clipseg_decode
-
-        return clipseg_decode(self.hf.decoder, features, text)
+    def blocks(self):
+        return self.hf.vision.layers
 
 
 def wordpiece_tokenizer(vocab_size: int = 1000):

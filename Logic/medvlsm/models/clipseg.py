@@ -55,7 +55,12 @@ def clipseg_config(size: str = "full"):
     return CLIPSegConfig(text_config=text, vision_config=vision, conditional_layer=0, **extra)
 
 
-class CLIPSeg(VLSM):
+class CLIPSegFamily(VLSM):
+    """A ViT whose blocks feed transformers' ``CLIPSegDecoder``: CLIPSeg and BiomedCLIPSeg(-D).
+
+    Subclasses say how pixels become tokens (``embed``) and which blocks follow (``blocks``).
+    """
+
     def __init__(self, hf_model, tokenizer, spec: ModelSpec):
         super().__init__()
         self.hf = hf_model
@@ -63,6 +68,33 @@ class CLIPSeg(VLSM):
         self.spec = spec
         self.extract_layers = list(hf_model.config.extract_layers)
 
+    def save_pretrained(self, folder) -> None:
+        self.hf.save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        self.spec.save(folder)
+
+    def embed(self, pixels):
+        raise NotImplementedError
+
+    def blocks(self):
+        raise NotImplementedError
+
+    def encode_images(self, pixels):
+        hidden = self.embed(pixels)
+        wanted = {layer: i for i, layer in enumerate(self.extract_layers)}
+        activations = [None] * len(wanted)
+        for index, layer in enumerate(self.blocks()[: max(self.extract_layers) + 1]):
+            hidden = layer(hidden, None)
+            if index in wanted:
+                activations[wanted[index]] = hidden
+        # The decoder consumes activations deepest first, each through its own reduce.
+        return tuple(reduce(act) for act, reduce in zip(activations[::-1], self.hf.decoder.reduces))
+
+    def decode_paired(self, features, text):
+        return clipseg_decode(self.hf.decoder, features, text)
+
+
+class CLIPSeg(CLIPSegFamily):
     @classmethod
     def random(cls, size: str = "full", name: str | None = None, seed: int = 0) -> "CLIPSeg":
         """Random weights from the config (no hub): for tests, benchmarks and training from scratch."""
@@ -86,34 +118,19 @@ class CLIPSeg(VLSM):
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         return cls(hf, tok, spec)
 
-    def save_pretrained(self, folder) -> None:
-        self.hf.save_pretrained(str(folder), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(folder))
-        self.spec.save(folder)
-
     def towers(self):
         clip = self.hf.clip
         return {"image": [clip.vision_model, clip.visual_projection], "text": [clip.text_model, clip.text_projection]}
 
-    # -- the three stages ------------------------------------------------------------------
     def encode_tokens(self, input_ids, attention_mask):
         return self.hf.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
-    def encode_images(self, pixels):
+    def embed(self, pixels):
         vision = self.hf.clip.vision_model
-        hidden = vision.pre_layrnorm(vision.embeddings(pixels, interpolate_pos_encoding=True))
-        wanted = {layer: i for i, layer in enumerate(self.extract_layers)}
-        activations = [None] * len(wanted)
-        for index, layer in enumerate(vision.encoder.layers[: max(self.extract_layers) + 1]):
-            hidden = layer(hidden, None)
-            if index in wanted:
-                activations[wanted[index]] = hidden
-        # The decoder consumes activations deepest first, each through its own reduce.
-        reduces = self.hf.decoder.reduces
-        return tuple(reduce(act) for act, reduce in zip(activations[::-1], reduces))
+        return vision.pre_layrnorm(vision.embeddings(pixels, interpolate_pos_encoding=True))
 
-    def decode_paired(self, features, text):
-        return clipseg_decode(self.hf.decoder, features, text)
+    def blocks(self):
+        return self.hf.clip.vision_model.encoder.layers
 
 
 def clipseg_decode(decoder, features, text):
