@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .io import case_name
 
 log = logging.getLogger("medvlsm")
 
@@ -110,26 +111,18 @@ class LabelledVolume:
         return volume, np.stack([labels.array == v for v in values]) if values else np.zeros((0,) + volume.shape, bool), names
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
 def read_volume_folder(volumes, segmentations) -> list[LabelledVolume]:
     """Pair ``volumes/NAME.ext`` with ``segmentations/NAME[.seg].ext`` (also NAME_label / NAME_seg)."""
     volumes, segmentations = Path(volumes), Path(segmentations)
     segs = {}
     for s in segmentations.iterdir():
-        stem = _stem(s)
+        stem = case_name(s)
         for suffix in ("_label", "_seg", "_segmentation", ".seg"):
             stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
         segs[stem] = s
     pairs = []
     for v in sorted(volumes.iterdir()):
-        stem = _stem(v)
+        stem = case_name(v)
         stem_base = stem[: -len("_image")] if stem.endswith("_image") else stem
         match = segs.get(stem) or segs.get(stem_base)
         if match is not None and match != v:

@@ -27,14 +27,6 @@ METRICS = ("dice", "iou", "hd95", "nsd")
 
 # ---- files of any tool ------------------------------------------------------------------------
 
-def _case_name(path: Path) -> str:
-    name = path.name
-    for ext in (".seg.nrrd", ".nii.gz") + io.LABELMAP_EXTENSIONS + (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
 def _read_mask(path: Path):
     """-> (bool mask [K, J, I] of any label/segment, its grid Volume)."""
     if io.extension(path) == ".seg.nrrd":
@@ -73,10 +65,10 @@ def evaluate_files(predictions, ground_truth, nsd_tolerance_mm: float = 2.0) -> 
     for folder, what in ((predictions, "--predictions"), (ground_truth, "--ground-truth")):
         if not folder.is_dir():
             raise InputError(f"{what} folder {folder} does not exist", "Give a folder of mask files")
-    truths = {_case_name(p): p for p in ground_truth.iterdir() if p.is_file()}
+    truths = {io.case_name(p): p for p in ground_truth.iterdir() if p.is_file()}
     rows = []
     for pred_path in sorted(p for p in predictions.iterdir() if p.is_file()):
-        case = _case_name(pred_path)
+        case = io.case_name(pred_path)
         if case not in truths:
             continue
         truth, grid = _read_mask(truths[case])

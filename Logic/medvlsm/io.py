@@ -37,6 +37,13 @@ def extension(path) -> str:
     return os.path.splitext(name)[1]
 
 
+def case_name(path) -> str:
+    """A file's name without its (possibly double) extension: ``case1.seg.nrrd`` -> ``case1``."""
+    name = Path(path).name
+    ext = extension(name)
+    return name[: len(name) - len(ext)] if ext and name.lower().endswith(ext) else Path(name).stem
+
+
 def _sitk():
     import SimpleITK as sitk
 

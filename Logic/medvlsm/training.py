@@ -161,13 +161,18 @@ def _freeze(model, how: str) -> None:
             p.requires_grad_(False)
 
 
+def _stack(chunk, device):
+    """Samples -> float pixels ``[B, 3, S, S]`` and masks ``[B, S, S]`` on ``device``."""
+    return (torch.stack([s.pixels for s in chunk]).float().to(device),
+            torch.stack([s.mask for s in chunk]).float().to(device))
+
+
 def _batches(samples, indices, batch_size, prompt_types, rng, tokenizer_fn, device):
     for start in range(0, len(indices), batch_size):
         chunk = [samples[i] for i in indices[start : start + batch_size]]
         prompts = [pick_prompt(s, prompt_types, rng) for s in chunk]
         tokens = tokenizer_fn(prompts)
-        pixels = torch.stack([s.pixels for s in chunk]).float().to(device)
-        masks = torch.stack([s.mask for s in chunk]).float().to(device)
+        pixels, masks = _stack(chunk, device)
         yield pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), masks
 
 
@@ -289,8 +294,7 @@ def evaluate_samples(model, samples, config, loss_fn, device, dtype, rank=0, wor
             if not chunk:
                 continue
             tokens = model.tokenize([strings(s.prompts, ptype)[0] for s in chunk])
-            pixels = torch.stack([s.pixels for s in chunk]).float().to(device)
-            masks = torch.stack([s.mask for s in chunk]).float().to(device)
+            pixels, masks = _stack(chunk, device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
             loss_sum += float(loss_fn(logits[:, None], masks[:, None])) * len(chunk)

@@ -66,6 +66,13 @@ def ijk_to_world(volume_node) -> np.ndarray:
     return to_world(volume_node) @ _to_numpy(m)
 
 
+def _volume(array: np.ndarray, ijk_to_ras: np.ndarray, name: str) -> Volume:
+    """Voxels ``[K, J, I(, C)]`` and their IJK-to-RAS matrix -> ``Volume`` (LPS: x and y negated)."""
+    lps = RAS_TO_LPS @ ijk_to_ras
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return Volume(array, tuple(spacing), tuple(lps[:3, 3]), lps[:3, :3] / spacing, name)
+
+
 def volume_from_node(volume_node) -> Volume:
     """A scalar or RGB volume node -> ``Volume`` in world LPS (a copy: the node is never modified)."""
     if volume_node is None or volume_node.GetImageData() is None:
@@ -74,10 +81,7 @@ def volume_from_node(volume_node) -> Volume:
     array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
-    lps = RAS_TO_LPS @ ijk_to_world(volume_node)
-    axes = lps[:3, :3]
-    spacing = np.linalg.norm(axes, axis=0)
-    return Volume(array, tuple(spacing), tuple(lps[:3, 3]), axes / spacing, volume_node.GetName())
+    return _volume(array, ijk_to_world(volume_node), volume_node.GetName())
 
 
 def _oriented_image(mask: np.ndarray, image_to_frame: np.ndarray):
@@ -310,13 +314,21 @@ def export_labelmap_node(scene, segmentation_node, volume_node, segment_ids=None
 
 
 def save_node(scene, node, path) -> None:
-    """Write a node with a storage node (``slicer.util.saveNode`` needs the application)."""
+    """Write a node with a storage node (``slicer.util.saveNode`` needs the application). The node's
+    own file association is left as it was: an export is not a "Save as"."""
     storage = node.GetStorageNode()
-    if storage is None:
-        node.AddDefaultStorageNode()
-        storage = node.GetStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.WriteData(node):
+    previous = storage.GetFileName() if storage is not None else None
+    with temporary_nodes(scene):  # a storage node the node did not have is removed afterwards
+        if storage is None:
+            node.AddDefaultStorageNode()
+        writer = node.GetStorageNode()
+        writer.SetFileName(str(path))
+        ok = writer.WriteData(node)
+        if storage is None:
+            node.SetAndObserveStorageNodeID(None)
+        else:
+            storage.SetFileName(previous)
+    if not ok:
         raise InputError(f"Could not write {path}", "Check that the folder exists and is writable")
 
 
@@ -342,11 +354,7 @@ def export(scene, segmentation_node, volume_node, path, logic=None) -> None:
     """``.seg.nrrd`` (segments as they are) or ``.nii.gz``/``.nrrd`` (labelmap on the volume grid)."""
     path = str(path)
     if path.lower().endswith(".seg.nrrd"):
-        with temporary_nodes(scene):  # a storage node the segmentation did not have before
-            had_storage = segmentation_node.GetStorageNode() is not None
-            save_node(scene, segmentation_node, path)
-            if not had_storage:
-                segmentation_node.SetAndObserveStorageNodeID(None)
+        save_node(scene, segmentation_node, path)
         return
     if not path.lower().endswith((".nii.gz", ".nii", ".nrrd")):
         raise InputError(f"Cannot export to {path}", "Use .seg.nrrd, .nii.gz or .nrrd")
@@ -390,9 +398,8 @@ def volume_from_oriented_image(image, frame_to_world=None, name: str = "source")
     ijk_to_frame = _to_numpy(m)
     offset = np.eye(4)
     offset[:3, 3] = [extent[0], extent[2], extent[4]]  # voxel (0,0,0) of the array is the extent's start
-    lps = RAS_TO_LPS @ (frame_to_world if frame_to_world is not None else np.eye(4)) @ ijk_to_frame @ offset
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return Volume(np.array(array, copy=True), tuple(spacing), tuple(lps[:3, 3]), lps[:3, :3] / spacing, name)
+    to_world_ras = (frame_to_world if frame_to_world is not None else np.eye(4)) @ ijk_to_frame @ offset
+    return _volume(np.array(array, copy=True), to_world_ras, name)
 
 
 def oriented_image_like(mask: np.ndarray, image):
@@ -421,15 +428,7 @@ def export_training_pair(scene, volume_node, segmentation_node, folder, name: st
     (folder / "segmentations").mkdir(parents=True, exist_ok=True)
     volume_path = folder / "volumes" / f"{name}.nrrd"
     seg_path = folder / "segmentations" / f"{name}.seg.nrrd"
-    with temporary_nodes(scene):
-        had_storage = volume_node.GetStorageNode() is not None
-        storage = volume_node.GetStorageNode() if had_storage else None
-        previous = storage.GetFileName() if storage is not None else None
-        save_node(scene, volume_node, volume_path)
-        if storage is not None:  # keep the user's own file association
-            storage.SetFileName(previous)
-        elif not had_storage:
-            volume_node.SetAndObserveStorageNodeID(None)
+    save_node(scene, volume_node, volume_path)
     # segments exported on the volume's grid so training slices line up voxel for voxel
     from medvlsm.io import write_seg_nrrd
 

@@ -134,19 +134,16 @@ class Session:
             self._engines[key] = Engine(loader(model or None), device=device, cache_bytes=self.cache_bytes)
         return self._engines[key]
 
-    def slice_range(self, settings: Settings, volume, current_slice: int | None):
+    @staticmethod
+    def slice_range(settings: Settings, volume, current_slice: int | None):
+        """The scope as a slice range of the plane (``None``: all); ``engine.plan`` checks it."""
         from medvlsm.volume import SliceView
 
-        view = SliceView(volume, settings.plane)
         if settings.scope == "current slice":
-            index = view.num_slices // 2 if current_slice is None else current_slice
+            index = SliceView(volume, settings.plane).num_slices // 2 if current_slice is None else current_slice
             return index, index + 1
         if settings.scope == "slice range":
-            start, stop = settings.slice_start, settings.slice_stop or view.num_slices
-            if not 0 <= start < stop <= view.num_slices:
-                raise InputError(f"Slice range {start}..{stop} is outside the {view.num_slices} {settings.plane} slices",
-                                 f"Choose slices between 0 and {view.num_slices}")
-            return start, stop
+            return settings.slice_start, settings.slice_stop or SliceView(volume, settings.plane).num_slices
         return None
 
     def start(self, volume_node, settings: Settings, current_slice: int | None = None) -> Job:
@@ -154,9 +151,11 @@ class Session:
         prompts = [p for p in settings.prompts]
         if not prompts:
             raise InputError("No prompt", "Type what to segment, one structure per line")
+        from medvlsm.engine import plan
+
         volume = glue.volume_from_node(volume_node)
-        volume.validate()
         slices = self.slice_range(settings, volume, current_slice)
+        plan(volume, settings.plane, slices)  # the volume, plane and range, before any model work
         cache_key = (volume_node.GetID(), volume_node.GetMTime(), volume_node.GetParentTransformNode() and
                      volume_node.GetParentTransformNode().GetMTime())
         for p in prompts:
