@@ -16,7 +16,8 @@ from medvlsm.volume import Volume
 
 pytestmark = pytest.mark.models
 
-ARCHES = ["clipseg", "biomedclipseg"]
+ARCHES = ["clipseg", "cris", "biomedclipseg"]
+INPUT_SIZE = {"clipseg": 352, "cris": 416, "biomedclipseg": 224}
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -25,7 +26,7 @@ def test_architecture_end_to_end(tmp_path, capsys, arch, size):
     folder = tmp_path / "model"
     assert main(["init", "--arch", arch, "--size", size, "--output", str(folder)]) == 0
     spec = json.loads((folder / "medvlsm.json").read_text(encoding="utf-8"))
-    assert spec["arch"] == arch and spec["input_size"] == (352 if arch == "clipseg" else 224)
+    assert spec["arch"] == arch and spec["input_size"] == INPUT_SIZE[arch]
 
     data = tmp_path / "data"
     entries = two_object_images(data, 3)
@@ -38,7 +39,8 @@ def test_architecture_end_to_end(tmp_path, capsys, arch, size):
     v = Volume(blobs((3, 40, 44)), (0.8, 0.8, 3.0))
     sitk.WriteImage(io.volume_to_sitk(v), str(tmp_path / "ct.nii.gz"))
     assert main(["--quiet", "segment", str(tmp_path / "ct.nii.gz"), "-p", "liver", "-p", "spleen", "--model",
-                 str(folder), "-o", str(tmp_path / "ct.seg.nrrd"), "--axis", "coronal"]) == 0
+                 str(folder), "-o", str(tmp_path / "ct.seg.nrrd"),
+                 "--axis", "coronal" if size == "small" else "axial"]) == 0  # full size: 3 slices, not 40
     assert io.read_seg_nrrd(tmp_path / "ct.seg.nrrd").grid.same_grid(v)
     if size == "full":
         return  # full size: build, save, load, segment; the slower paths run at small size

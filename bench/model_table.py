@@ -25,9 +25,11 @@ from bench_engine import machine  # noqa: E402
 from medvlsm.engine import Engine  # noqa: E402
 from medvlsm.models.biomedclipseg import BiomedCLIPSeg  # noqa: E402
 from medvlsm.models.clipseg import CLIPSeg  # noqa: E402
+from medvlsm.models.cris import CRIS  # noqa: E402
 from medvlsm.volume import Volume  # noqa: E402
 
-ARCHITECTURES = {"CLIPSeg": lambda: CLIPSeg.random("full"), "BiomedCLIPSeg(-D)": lambda: BiomedCLIPSeg.random("full")}
+ARCHITECTURES = {"CLIPSeg": lambda: CLIPSeg.random("full"), "CRIS": lambda: CRIS.random("full"),
+                 "BiomedCLIPSeg(-D)": lambda: BiomedCLIPSeg.random("full")}
 
 
 def gflops(fn) -> float:

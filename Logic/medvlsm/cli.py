@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--prompt-type", nargs="+", default=["p1"], help="p0..p9 (several: one drawn per sample) or random")
     ft.add_argument("--epochs", type=int, default=50)
     ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--lr", type=float, default=2e-3, help="learning rate (paper: 2e-3 CLIPSeg, 2e-5 CRIS)")
+    ft.add_argument("--lr", type=float, default=None,
+                    help="learning rate (default: the paper's, 2e-5 for CRIS, 2e-3 for the CLIPSeg family)")
     ft.add_argument("--freeze", default="none", choices=["none", "encoders", "text"])
     ft.add_argument("--device", default="auto")
     ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -121,20 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=42)
     ft.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint/last.pt")
 
-    cv = sub.add_parser("convert", help="original weights (open_clip BiomedCLIP, CIDAS CLIPSeg) -> a model folder")
-    cv.add_argument("--arch", required=True, choices=["biomedclipseg", "biomedclipseg-d"])
+    cv = sub.add_parser("convert", help="original weights (CRIS / OpenAI RN50, open_clip BiomedCLIP, CIDAS CLIPSeg) "
+                                        "-> a model folder")
+    cv.add_argument("--arch", required=True, choices=["cris", "biomedclipseg", "biomedclipseg-d", "clipseg"])
     cv.add_argument("--from", dest="sources", nargs="+", required=True,
-                    help="open_clip_pytorch_model.bin and vocab.txt (BiomedCLIP hub repo); for -d also CLIPSeg weights "
-                         "(model.safetensors of CIDAS/clipseg-rd64-refined)")
+                    help="cris: a CRIS checkpoint (cris_best.pth) and/or OpenAI CLIP RN50 weights; biomedclipseg: "
+                         "open_clip_pytorch_model.bin and vocab.txt (BiomedCLIP hub repo), for -d also model.safetensors "
+                         "of CIDAS/clipseg-rd64-refined; clipseg: a CIDAS/clipseg-* snapshot folder or its files")
     cv.add_argument("--output", "-o", required=True)
 
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
-    init.add_argument("--arch", default="clipseg", choices=["clipseg", "biomedclipseg"])
+    init.add_argument("--arch", default="clipseg", choices=["clipseg", "cris", "biomedclipseg"])
     init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
     init.add_argument("--output", "-o", required=True)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--input-size", type=int, default=None,
-                      help="square input side the model is fed (default: the architecture's, 352 / 224)")
+                      help="square input side the model is fed (default: the architecture's, 352 / 416 / 224)")
     return parser
 
 
@@ -279,21 +282,32 @@ def cmd_download(args):
 
 
 def cmd_convert(args):
-    from .models.biomedclipseg import convert
-
     files = [Path(f) for f in args.sources]
     for f in files:
-        if not f.is_file():
+        if not f.exists():
             raise InputError(f"{f} not found", "Give the original files' paths after --from")
-    vocab = [f for f in files if f.suffix == ".txt"]
-    weights = [f for f in files if f.suffix != ".txt"]
-    wanted = 2 if args.arch == "biomedclipseg-d" else 1
-    if len(vocab) != 1 or len(weights) != wanted:
-        raise InputError(f"{args.arch} needs {wanted} weights file(s) and one vocab.txt, got {len(weights)} and "
-                         f"{len(vocab)}", "Pass open_clip_pytorch_model.bin, vocab.txt" +
-                         (" and the CLIPSeg model.safetensors" if wanted == 2 else ""))
-    model = convert(weights[0], vocab[0], args.output, weights[1] if wanted == 2 else None, name=args.arch)
-    print(f"Wrote {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) to {args.output}")
+    if args.arch == "cris":
+        from .models.cris import convert
+
+        model = convert(files, args.output, name=Path(args.output).name)
+    elif args.arch == "clipseg":
+        from .models.clipseg import convert
+
+        model = convert(files, args.output, name=Path(args.output).name)
+    else:
+        from .models.biomedclipseg import convert
+
+        vocab = [f for f in files if f.suffix == ".txt"]
+        weights = [f for f in files if f.suffix != ".txt"]
+        wanted = 2 if args.arch == "biomedclipseg-d" else 1
+        if len(vocab) != 1 or len(weights) != wanted:
+            raise InputError(f"{args.arch} needs {wanted} weights file(s) and one vocab.txt, got {len(weights)} and "
+                             f"{len(vocab)}", "Pass open_clip_pytorch_model.bin, vocab.txt" +
+                             (" and the CLIPSeg model.safetensors" if wanted == 2 else ""))
+        model = convert(weights[0], vocab[0], args.output, weights[1] if wanted == 2 else None, name=args.arch)
+    state = "ready to use" if model.spec.trained else "decoder untrained: finetune it before use"
+    print(f"Wrote {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {state}) "
+          f"to {args.output}")
 
 
 def cmd_init(args):
@@ -301,6 +315,9 @@ def cmd_init(args):
 
     model = _model_class(args.arch).random(args.size, name=Path(args.output).name, seed=args.seed)
     if args.input_size is not None:
+        if args.arch == "cris" and args.input_size % 32:
+            raise InputError(f"CRIS needs an input side divisible by 32 (its FPN merges 1/8, 1/16 and 1/32 scales), "
+                             f"not {args.input_size}", "Use e.g. 416 (the paper's), 384 or 448")
         model.spec.input_size = args.input_size
     Path(args.output).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)
@@ -441,7 +458,8 @@ def cmd_finetune(args):
         val = training.samples_from_annotations(read_annotations(args.val, args.images, args.masks), spec, resize)
     else:
         raise InputError("No training data", "Give --train/--val with --images/--masks, or --volumes with --segmentations")
-    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                  lr=args.lr or training.PAPER_LR.get(spec.arch, training.TrainConfig.lr),
                                   prompt_types=args.prompt_type, freeze=args.freeze, seed=args.seed,
                                   patience=args.patience, precision=args.precision,
                                   max_steps_per_epoch=args.max_steps_per_epoch)

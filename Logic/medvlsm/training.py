@@ -34,6 +34,7 @@ from .prompts import PROMPT_TYPES, Attributes, geometry_attributes, ladder, stri
 log = logging.getLogger("medvlsm")
 
 CHECKPOINT = "checkpoint/last.pt"
+PAPER_LR = {"clipseg": 2e-3, "biomedclipseg": 2e-3, "cris": 2e-5}
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Sample:
 class TrainConfig:
     epochs: int = 50
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 2e-3  # the paper's for CLIPSeg / BiomedCLIPSeg (PAPER_LR: per architecture)
     weight_decay: float = 1e-3
     grad_clip: float = 0.5
     prompt_types: list = field(default_factory=lambda: ["p1"])
@@ -150,8 +151,9 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 # ---- the loop ----------------------------------------------------------------------------------
 
-def _freeze(model, how: str) -> None:
-    """none: train everything; encoders: the decoder only (the paper's BiomedCLIPSeg); text: all but text."""
+def _freeze(model, how: str) -> list:
+    """none: train everything; encoders: the decoder only (the paper's BiomedCLIPSeg); text: all but text.
+    Returns the frozen modules (kept in eval mode while training: BatchNorm statistics stay put too)."""
     if how not in ("none", "text", "encoders"):
         raise InputError(f"Unknown --freeze {how!r}", "Use none, encoders or text")
     towers = model.towers()
@@ -159,6 +161,7 @@ def _freeze(model, how: str) -> None:
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
+    return frozen
 
 
 def _stack(chunk, device):
@@ -168,17 +171,21 @@ def _stack(chunk, device):
 
 
 def _batches(samples, indices, batch_size, prompt_types, rng, tokenizer_fn, device):
-    for start in range(0, len(indices), batch_size):
-        chunk = [samples[i] for i in indices[start : start + batch_size]]
+    """Training batches; a last batch of one joins the one before (BatchNorm, as in CRIS, needs two)."""
+    starts = list(range(0, len(indices), batch_size))
+    if len(starts) > 1 and len(indices) - starts[-1] == 1:
+        starts.pop()
+    for start, end in zip(starts, starts[1:] + [len(indices)]):
+        chunk = [samples[i] for i in indices[start:end]]
         prompts = [pick_prompt(s, prompt_types, rng) for s in chunk]
         tokens = tokenizer_fn(prompts)
         pixels, masks = _stack(chunk, device)
         yield pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), masks
 
 
-def _dice(logits, masks) -> torch.Tensor:
-    """Per-sample Dice of thresholded predictions, empty+empty = 1 (the paper's convention)."""
-    pred = logits > 0
+def _dice(logits, masks, threshold: float = 0.5) -> torch.Tensor:
+    """Per-sample Dice of predictions thresholded at the model's probability, empty+empty = 1 (the paper's)."""
+    pred = logits > math.log(threshold / (1 - threshold))
     target = masks > 0.5
     inter = (pred & target).flatten(1).sum(1).float()
     total = (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).float()
@@ -204,7 +211,11 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     dtype = resolve_dtype(device, config.precision)
     torch.manual_seed(config.seed)
     model = model.to(device).train()
-    _freeze(model, config.freeze)
+    frozen = _freeze(model, config.freeze)
+    if len(train) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                              for m in model.modules()):
+        raise InputError(f"{model.spec.arch} normalises over the batch (BatchNorm) and needs at least 2 training "
+                         f"samples, got {len(train)}", "Add training images")
     trainable = [p for p in model.parameters() if p.requires_grad]
     step_model = model
     if world > 1:
@@ -236,6 +247,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         order = local[:]
         rng.shuffle(order)
         model.train()
+        for module in frozen:
+            module.eval()
         train_loss, steps, epoch_start = 0.0, 0, time.perf_counter()
         for pixels, ids, mask_ids, masks in _batches(train, order, config.batch_size, config.prompt_types, rng,
                                                      tokenize, device):
@@ -298,7 +311,7 @@ def evaluate_samples(model, samples, config, loss_fn, device, dtype, rank=0, wor
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
             loss_sum += float(loss_fn(logits[:, None], masks[:, None])) * len(chunk)
-            dice_sum += float(_dice(logits, masks).sum())
+            dice_sum += float(_dice(logits, masks, model.spec.threshold).sum())
             count += len(chunk)
     loss_sum, dice_sum, count = _all_sum([loss_sum, dice_sum, count], device)
     model.train()

@@ -20,7 +20,7 @@ from .spec import SPEC_FILE, ModelSpec
 
 log = logging.getLogger("medvlsm")
 
-ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "biomedclipseg": "BiomedCLIPSegModel"}
+ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "biomedclipseg": "BiomedCLIPSegModel", "cris": "CRISModel"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,6 +52,10 @@ def _model_class(arch: str):
         from .biomedclipseg import BiomedCLIPSeg
 
         return BiomedCLIPSeg
+    if arch == "cris":
+        from .cris import CRIS
+
+        return CRIS
     raise ModelError(f"Architecture {arch!r} is not supported", f"Use one of: {', '.join(ARCHITECTURES)}")
 
 

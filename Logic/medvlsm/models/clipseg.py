@@ -147,3 +147,33 @@ def clipseg_decode(decoder, features, text):
     side = int(round(output.shape[2] ** 0.5))
     output = output.reshape(output.shape[0], output.shape[1], side, side)
     return decoder.transposed_convolution(output)[:, 0]
+
+
+def convert(sources, output, name: str | None = None) -> CLIPSeg:
+    """A CIDAS/clipseg-* hub snapshot (a folder, or its files: config.json, weights, tokenizer files)
+    -> a model folder in our format (safetensors weights, ``medvlsm.json`` with the registry's settings)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ..errors import ModelError
+    from . import _arch_defaults, check_folder
+
+    sources = [Path(p) for p in sources]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = sources[0] if len(sources) == 1 and sources[0].is_dir() else Path(tmp)
+        if folder == Path(tmp):
+            for f in sources:
+                shutil.copy(f, folder / f.name)
+        check_folder(folder)
+        spec = ModelSpec(name=name or folder.name, arch="clipseg", source=str(sources[0]),
+                         licence="Apache-2.0 (CIDAS CLIPSeg)", description="CLIPSeg converted from a CIDAS snapshot",
+                         **_arch_defaults("clipseg"))
+        try:
+            model = CLIPSeg.from_folder(folder, spec)
+        except Exception as e:  # transformers raises many types for foreign folders
+            raise ModelError(f"{sources[0]} is not a CIDAS CLIPSeg snapshot ({str(e).splitlines()[0][:160]})",
+                             "Pass the folder of CIDAS/clipseg-rd64-refined (config.json, weights, tokenizer files)") from e
+    Path(output).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    return model
