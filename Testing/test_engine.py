@@ -65,6 +65,19 @@ def test_cache_is_keyed_on_content_and_settings(tiny_model):
     assert e.segment(v, ["d"], cache_key="node1").from_cache
 
 
+def test_prefetch_encodes_the_slice_on_screen_before_the_prompt_is_known(tiny_model):
+    v = ct_volume()
+    e = Engine(tiny_model, device="cpu", precision="fp32", batch_size=4, cache_bytes=2**30)
+    assert e.prefetch(v, plane="coronal", slices=(5, 6), cache_key="node1") is None  # no probabilities made
+    preview = e.segment(v, ["liver"], plane="coronal", slices=(5, 6), cache_key="node1")
+    assert preview.from_cache  # the decoder only
+    fresh = Engine(tiny_model, device="cpu", precision="fp32", batch_size=4).segment(v, ["liver"], plane="coronal",
+                                                                                   slices=(5, 6))
+    np.testing.assert_allclose(preview.probabilities, fresh.probabilities, atol=PROB_ATOL)
+    assert "liver" in e._text_cache and "prefetch" not in e._text_cache  # no text work for a prefetch
+    Engine(tiny_model, device="cpu", precision="fp32").prefetch(v, slices=(0, 1))  # no cache: nothing to do
+
+
 def test_cache_respects_its_budget(tiny_model):
     e = Engine(tiny_model, device="cpu", precision="fp32", cache_bytes=1000)  # far too small
     v = ct_volume()

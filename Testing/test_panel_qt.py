@@ -137,6 +137,22 @@ def test_type_run_preview_rethreshold_apply_undo(panel, tmp_path):
     assert Settings.load(panel.param).threshold == pytest.approx(0.95)
 
 
+def test_typing_a_prompt_encodes_the_current_slice_in_the_background(panel):
+    volume = add_volume(panel.scene)
+    panel.c.refresh_nodes()
+    panel.ui["scopeCombo"].setCurrentIndex(panel.ui["scopeCombo"].findText("current slice"))
+    QtTest.QTest.keyClicks(panel.ui["promptsEdit"], "liv")
+    job = panel.c.prefetch_job
+    assert job is not None and job.wait(60) and job.error is None
+    QtTest.QTest.keyClicks(panel.ui["promptsEdit"], "er")
+    assert panel.c.prefetch_job is job  # once per slice, not per keystroke
+    panel.click("runButton")
+    panel.wait()
+    assert panel.session.last_result.from_cache  # the preview ran the decoder only
+    assert panel.session.last_result.slice_range[1] - panel.session.last_result.slice_range[0] == 1
+    assert panel.scene.GetNodeByID(volume.GetID()) is volume
+
+
 def test_cancel_leaves_the_scene_as_it_was(panel):
     add_volume(panel.scene, shape=(400, 32, 32))
     panel.c.refresh_nodes()

@@ -9,7 +9,10 @@ Cases, full-size CLIPSeg with random weights (speed does not depend on the weigh
       forward with the text re-encoded, fp32, batch 1;
   (b) engine, first pass: file read -> masks -> .seg.nrrd written;
   (c) engine, re-prompt of the already-encoded volume (decoder only, feature cache);
-  (d) current-slice preview (one slice, new prompt, nothing cached for it).
+  (d) current-slice preview (one slice, new prompt, nothing cached for it), and the same after the
+      slice was prefetched (what the Slicer panel does while the prompt is typed);
+  (e) with --memory: peak RSS of a first pass on the volume and on one 4x deeper, minus what the
+      extra slices themselves need (voxels, float32 probabilities and uint8 masks).
 Peak memory is each case's own peak RSS, measured in a fresh subprocess. Results: a JSON file
 (``--json``) and a markdown table on stdout. Ratios are what to compare across machines.
 """
@@ -103,6 +106,10 @@ def case_engine(volume_path: str, precision: str, batch: int | None, reprompt: b
         start = time.perf_counter()  # a new volume's current slice, keyed cheaply as Slicer does (node ID + MTime)
         engine.segment(volume, ["kidney"], slices=(mid, mid + 1), cache_key="bench-preview")
         record["preview_seconds"] = time.perf_counter() - start
+        engine.prefetch(volume, slices=(mid + 1, mid + 2), cache_key="bench-preview")  # while typing
+        start = time.perf_counter()
+        engine.segment(volume, ["liver"], slices=(mid + 1, mid + 2), cache_key="bench-preview")
+        record["preview_prefetched_seconds"] = time.perf_counter() - start
     return record
 
 
@@ -132,6 +139,19 @@ def machine() -> str:
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
 
 
+def memory_flatness(depth, size, shallow, precision, batch, tmp) -> dict:
+    """Peak RSS of a first pass on a 4x deeper volume against ``shallow`` (the same case at ``depth``)."""
+    deeper = 4 * depth
+    path = tmp / "deeper.nrrd"
+    make_volume(deeper, size, path)
+    deep = _in_subprocess("case_engine", volume_path=str(path), precision=precision, batch=batch, reprompt=False,
+                          preview=False)
+    own = (deeper - depth) * size * size * (2 + 4 + 1) / 2**20  # int16 voxels, float32 probabilities, uint8 masks
+    added = deep["peak_rss_mb"] - shallow["peak_rss_mb"]
+    return {"depth": depth, "deeper": deeper, "peak_rss_mb": shallow["peak_rss_mb"],
+            "deeper_peak_rss_mb": deep["peak_rss_mb"], "added_mb": added, "own_mb": own, "excess_mb": added - own}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="32 x 256 x 256 (default)")
@@ -143,6 +163,7 @@ def main(argv=None):
     p.add_argument("--naive-slices", type=int, default=None, help="time the naive way on this many slices "
                    "(per-slice cost is constant; default: all in quick mode, 16 in full mode)")
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--memory", action="store_true", help="also a first pass on a 4x deeper volume: is memory flat?")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     depth, size = (300, 512) if args.full else (32, 256)
@@ -158,14 +179,17 @@ def main(argv=None):
         results["cases"][f"engine_{precision}"] = _in_subprocess(
             "case_engine", volume_path=str(volume_path), precision=precision, batch=args.batch_size,
             reprompt=True, preview=True)
-    rows = ["| case | dtype | batch | s/slice | slices/s | s/volume | re-prompt s | preview s | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    if args.memory:
+        results["memory"] = memory_flatness(depth, size, results["cases"][f"engine_{args.precision[0]}"],
+                                            args.precision[0], args.batch_size, tmp)
+    rows = ["| case | dtype | batch | s/slice | slices/s | s/volume | re-prompt s | preview s | preview s, prefetched "
+            "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["cases"].items():
         per = r["seconds"] / r["slices"]
         r["seconds_per_slice"] = per
         rows.append(f"| {name} | {r['dtype']} | {r['batch']} | {per:.3f} | {1 / per:.2f} | {per * depth:.1f} | "
                     f"{r.get('reprompt_seconds', float('nan')):.2f} | {r.get('preview_seconds', float('nan')):.3f} | "
-                    f"{r['peak_rss_mb']:.0f} |")
+                    f"{r.get('preview_prefetched_seconds', float('nan')):.3f} | {r['peak_rss_mb']:.0f} |")
     naive = results["cases"].get("naive")
     for name, r in results["cases"].items():
         if name.startswith("engine"):
@@ -174,6 +198,11 @@ def main(argv=None):
             r["reprompt_speedup"] = r["seconds"] / r["reprompt_seconds"]
             rows.append(f"\n{name}: first pass {r.get('speedup_vs_naive', float('nan')):.1f}x the naive way (b/a); "
                         f"re-prompt {r['reprompt_speedup']:.1f}x faster than the first pass (b/c)")
+    if args.memory:
+        m = results["memory"]
+        rows.append(f"\nmemory: {m['depth']} -> {m['deeper']} slices: peak RSS +{m['added_mb']:.0f} MB, of which the "
+                    f"extra slices' own voxels + probabilities + masks {m['own_mb']:.0f} MB: {m['excess_mb']:+.0f} MB "
+                    "beyond them")
     print(f"Machine: {results['machine']}; volume {results['volume']}; full-size CLIPSeg, random weights\n")
     print("\n".join(rows))
     if args.json:

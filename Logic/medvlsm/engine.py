@@ -15,6 +15,7 @@ Used unchanged by the CLI, the Slicer module, evaluation and training's validati
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ class Engine:
         self._cache: OrderedDict = OrderedDict()
         self._text_cache: dict = {}
         self._warned: set = set()
+        self._lock = threading.Lock()  # one run at a time: a prefetch and a Run from the GUI may overlap
 
     # -- helpers -------------------------------------------------------------------------
     def _autocast(self):
@@ -170,10 +172,19 @@ class Engine:
             self._cache.popitem(last=False)
 
     # -- the run -------------------------------------------------------------------------
+    def prefetch(self, volume: Volume, *, plane: str | None = None, window: str = "auto", resize: str = "letterbox",
+                 slices: tuple | None = None, cache_key=None) -> None:
+        """Encode and cache the image features of ``slices`` before any prompt is known (the slice the
+        radiologist is looking at, while they type): the next ``segment`` of it runs the decoder only.
+        Needs a cache (``cache_bytes`` > 0)."""
+        if self.cache_bytes > 0:
+            self.segment(volume, ["prefetch"], plane=plane, window=window, resize=resize, slices=slices,
+                         cache_key=cache_key, _decode=False)
+
     def segment(self, volume: Volume, prompts: list[str], *, plane: str | None = None, window: str = "auto",
                 resize: str = "letterbox", slices: tuple | None = None,
                 progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                cache_key=None) -> SegmentationResult:
+                cache_key=None, _decode: bool = True) -> SegmentationResult:
         """Segment ``volume`` once per prompt.
 
         Args:
@@ -188,6 +199,10 @@ class Engine:
         Returns:
             ``SegmentationResult`` with probabilities ``[P, K, J, I]`` (zero outside ``slices``).
         """
+        with self._lock:
+            return self._segment(volume, prompts, plane, window, resize, slices, progress, cancel, cache_key, _decode)
+
+    def _segment(self, volume, prompts, plane, window, resize, slices, progress, cancel, cache_key, decode):
         start_time = time.perf_counter()
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -203,7 +218,7 @@ class Engine:
         spec = self.model.spec
         intensity = choose_window(volume, window)
         box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, spec.input_size, resize)
-        text = self.encode_text(cleaned)
+        text = self.encode_text(cleaned) if decode else None
 
         key = None
         if self.cache_bytes > 0:
@@ -211,10 +226,12 @@ class Engine:
             key = (identity, plane, start, stop, intensity, box, id(self.model), self.dtype)
         cached = self._cache_lookup(key) if key is not None else None
         fresh = [] if (key is not None and cached is None) else None
+        if not decode and (cached is not None or fresh is None):
+            return None  # prefetch: already cached, or nothing to cache into
 
         source = view.view(volume.array)
-        probabilities = np.zeros((len(cleaned),) + volume.shape, np.float32)
-        targets = [view.view(probabilities[p]) for p in range(len(cleaned))]
+        probabilities = np.zeros((len(cleaned) if decode else 0,) + volume.shape, np.float32)
+        targets = [view.view(probabilities[p]) for p in range(len(probabilities))]
         total = stop - start
         for batch_index, s in enumerate(range(start, stop, self.batch_size)):
             if cancel is not None and cancel():
@@ -232,6 +249,8 @@ class Engine:
                     features = self.model.encode_images(pixels)
                     if fresh is not None:
                         fresh.append(features)
+                if not decode:
+                    continue
                 logits = self.model.decode(features, text)
                 probs = torch.sigmoid(box.restore(logits)).cpu().numpy()
                 del features, logits  # free this batch's activations before the next one is encoded
@@ -241,6 +260,8 @@ class Engine:
                 progress(e - start, total)
         if fresh is not None:
             self._cache_store(key, fresh)
+        if not decode:
+            return None
         if not spec.trained:
             warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
         for w in warnings:

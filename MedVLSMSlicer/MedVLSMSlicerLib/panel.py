@@ -44,6 +44,8 @@ class PanelController:
         self.settings = Settings.load(parameter_node) if parameter_node is not None else Settings()
         self.job = None
         self.job_volume = None
+        self.prefetch_job = None
+        self._prefetched = None
         self.timer = qt_compat.timer(100, self.poll)
         self._fill_models(registry_names)
         self.refresh_nodes()
@@ -142,6 +144,7 @@ class PanelController:
             history.addItem(p)
 
     def _connect(self) -> None:
+        self.w("promptsEdit").textChanged.connect(self.prefetch)
         self.w("runButton").clicked.connect(self.run_or_cancel)
         self.w("applyButton").clicked.connect(self.apply)
         self.w("discardButton").clicked.connect(self.discard)
@@ -205,6 +208,22 @@ class PanelController:
         combo = self.w(combo_name)
         node_id = combo.itemData(combo.property("currentIndex"))
         return self.scene.GetNodeByID(node_id) if node_id else None
+
+    def prefetch(self) -> None:
+        """Typing a prompt encodes the slice on screen in the background (once per slice, model, plane)."""
+        volume_node = self.selected_node("volumeCombo")
+        if volume_node is None or self.running or (self.prefetch_job is not None and not self.prefetch_job.done):
+            return
+        settings = self.read_settings()
+        current = self.current_slice(volume_node, settings.plane)
+        wanted = (Session.cache_key(volume_node), settings.model, settings.device, settings.plane, settings.window,
+                  current)
+        if wanted != self._prefetched:
+            self._prefetched = wanted
+            try:
+                self.prefetch_job = self.session.prefetch(volume_node, settings, current)
+            except Exception:  # an unusable volume: Run will say why
+                self.prefetch_job = None
 
     @property
     def running(self) -> bool:

@@ -122,17 +122,19 @@ class Session:
         self.preview: glue.Preview | None = None
         self.last_result = None
         self.editor: glue.EditorSession | None = None
+        self._loading = threading.Lock()  # a prefetch and a Run may both ask for the model first
 
     def engine(self, model: str, device: str):
         from medvlsm.engine import Engine
 
         key = (model, device)
-        if key not in self._engines:
-            loader = self._load_model
-            if loader is None:
-                from medvlsm.models import load_model as loader
-            self._engines[key] = Engine(loader(model or None), device=device, cache_bytes=self.cache_bytes)
-        return self._engines[key]
+        with self._loading:
+            if key not in self._engines:
+                loader = self._load_model
+                if loader is None:
+                    from medvlsm.models import load_model as loader
+                self._engines[key] = Engine(loader(model or None), device=device, cache_bytes=self.cache_bytes)
+            return self._engines[key]
 
     @staticmethod
     def slice_range(settings: Settings, volume, current_slice: int | None):
@@ -156,8 +158,7 @@ class Session:
         volume = glue.volume_from_node(volume_node)
         slices = self.slice_range(settings, volume, current_slice)
         plan(volume, settings.plane, slices)  # the volume, plane and range, before any model work
-        cache_key = (volume_node.GetID(), volume_node.GetMTime(), volume_node.GetParentTransformNode() and
-                     volume_node.GetParentTransformNode().GetMTime())
+        cache_key = self.cache_key(volume_node)
         for p in prompts:
             if p in settings.history:
                 settings.history.remove(p)
@@ -168,6 +169,26 @@ class Session:
             engine = self.engine(settings.model, settings.device)
             return engine.segment(volume, prompts, plane=settings.plane, window=settings.window, slices=slices,
                                   progress=job.report, cancel=lambda: job.cancelled, cache_key=cache_key)
+
+        return Job(work)
+
+    @staticmethod
+    def cache_key(volume_node):
+        """Cheap identity of the volume's content and placement (node ID + modified times)."""
+        transform = volume_node.GetParentTransformNode()
+        return volume_node.GetID(), volume_node.GetMTime(), transform and transform.GetMTime()
+
+    def prefetch(self, volume_node, settings: Settings, current_slice: int | None = None) -> Job:
+        """While the prompt is typed: load the model and encode the slice on screen in the background,
+        so a current-slice Run of any prompt then runs the decoder only. Errors stay in the job: Run
+        reports them properly."""
+        volume = glue.volume_from_node(volume_node)
+        slices = self.slice_range(Settings(scope="current slice", plane=settings.plane), volume, current_slice)
+        key = self.cache_key(volume_node)
+
+        def work(job: Job):
+            engine = self.engine(settings.model, settings.device)
+            engine.prefetch(volume, plane=settings.plane, window=settings.window, slices=slices, cache_key=key)
 
         return Job(work)
 

@@ -132,18 +132,38 @@ class ModifiedResNet(nn.Module):
 
 # ---- CLIP text transformer ------------------------------------------------------------------------
 
+def attend(attn: nn.MultiheadAttention, query, key, value, mask=None, causal=False):
+    """``nn.MultiheadAttention``'s mathematics on batch-first ``[B, N, C]`` tensors via ``F.linear`` + SDPA.
+
+    Not the module's own forward: its batch_first path transposes, and a bf16 linear on a transposed
+    input expands the weight once per token (2 s of copies per batch on CPU). ``mask``: ``[B, L]``,
+    True where a key is padding.
+    """
+    heads = attn.num_heads
+
+    def project(x, weight, bias):
+        return F.linear(x, weight, bias).reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    weights, biases = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)
+    q, k, v = (project(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+    keep = None if mask is None else ~mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal,
+                                         dropout_p=attn.dropout if attn.training else 0.0)
+    return attn.out_proj(out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1))
+
+
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(width, heads)
         self.ln_1 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()),
                                               ("c_proj", nn.Linear(width * 4, width))]))
         self.ln_2 = nn.LayerNorm(width)
 
-    def forward(self, x, causal_mask):
+    def forward(self, x):
         y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False, attn_mask=causal_mask)[0]
+        x = x + attend(self.attn, y, y, y, causal=True)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,9 +187,8 @@ class CLIPText(nn.Module):
     def forward(self, ids):
         length = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:length]
-        causal = torch.full((length, length), float("-inf"), device=ids.device).triu_(1)
         for block in self.transformer.resblocks:
-            x = block(x, causal.to(x.dtype))
+            x = block(x)
         words = self.ln_final(x)
         sentence = words[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)] @ self.text_projection
         return words, sentence
@@ -233,8 +252,8 @@ class TransformerDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn_norm = nn.LayerNorm(width)
         self.cross_attn_norm = nn.LayerNorm(width)
-        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.multihead_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(width, heads, dropout=dropout)
         self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.ReLU(True), nn.Dropout(dropout), nn.LayerNorm(ffn),
                                  nn.Linear(ffn, width))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
@@ -243,9 +262,9 @@ class TransformerDecoderLayer(nn.Module):
     def forward(self, vis, words, vis_pos, word_pos, pad_mask):
         y = self.norm1(vis)
         q = y + vis_pos
-        vis = vis + self.dropout1(self.self_attn_norm(self.self_attn(q, q, y, need_weights=False)[0]))
+        vis = vis + self.dropout1(self.self_attn_norm(attend(self.self_attn, q, q, y)))
         y = self.norm2(vis)
-        y = self.multihead_attn(y + vis_pos, words + word_pos, words, key_padding_mask=pad_mask, need_weights=False)[0]
+        y = attend(self.multihead_attn, y + vis_pos, words + word_pos, words, mask=pad_mask)
         vis = vis + self.dropout2(self.cross_attn_norm(y))
         return vis + self.dropout3(self.ffn(self.norm3(vis)))
 
@@ -448,7 +467,8 @@ class CRIS(VLSM):
         return sentence, words.reshape(-1, length, width), keep < 0.5
 
     def encode_images(self, pixels):
-        c3, c4, c5 = self.hf.backbone.visual(pixels)
+        # channels-last: oneDNN's bf16 convolutions run ~20 % faster on it (bench/results, CRIS row)
+        c3, c4, c5 = self.hf.backbone.visual(pixels.contiguous(memory_format=torch.channels_last))
         return self.hf.neck.visual(c3, c4, c5)  # v5 (S/32), v4, v3 (S/16)
 
     def decode_paired(self, features, text):
