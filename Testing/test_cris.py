@@ -229,6 +229,10 @@ def test_converted_cris_checkpoint_reproduces_the_reference_forward(tmp_path, si
         both = model.decode(model.encode_images(pixels[:1]), model.encode_text(["liver", "one small pink round polyp "
                                                                                        "in the center"]))[0]
     torch.testing.assert_close(both[0], ours[0], rtol=0, atol=1e-4 * float(scale))
+    # bf16 autocast (the engine's CPU/GPU fast path) stays close to fp32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model.decode_paired(model.encode_images(pixels), model.encode_tokens(ids, ids != 0)).float()
+    assert (fast - expected).abs().mean() < 0.02 * scale
 
 
 def test_clip_rn50_weights_alone_give_pretrained_encoders_and_a_random_decoder(tmp_path, capsys):
