@@ -273,6 +273,8 @@ def test_unreadable_or_foreign_weights_say_what_to_pass(tmp_path):
     with pytest.raises(ModelError, match="missing"):
         convert([tmp_path / "broken.safetensors"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert main(["init", "--arch", "cris", "--size", "tiny", "--input-size", "400", "-o", str(tmp_path / "odd")]) == 2
+    assert not (tmp_path / "odd").exists()  # the FPN merges 1/8, 1/16, 1/32: the side must divide by 32
 
 
 def test_finetuning_with_frozen_encoders_keeps_their_batchnorm_statistics(tmp_path):

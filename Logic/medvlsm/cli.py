@@ -313,11 +313,11 @@ def cmd_convert(args):
 def cmd_init(args):
     from .models import _model_class
 
+    if args.arch == "cris" and args.input_size is not None and args.input_size % 32:
+        raise InputError(f"CRIS needs an input side divisible by 32 (its FPN merges 1/8, 1/16 and 1/32 scales), "
+                         f"not {args.input_size}", "Use e.g. 416 (the paper's), 384 or 448")
     model = _model_class(args.arch).random(args.size, name=Path(args.output).name, seed=args.seed)
     if args.input_size is not None:
-        if args.arch == "cris" and args.input_size % 32:
-            raise InputError(f"CRIS needs an input side divisible by 32 (its FPN merges 1/8, 1/16 and 1/32 scales), "
-                             f"not {args.input_size}", "Use e.g. 416 (the paper's), 384 or 448")
         model.spec.input_size = args.input_size
     Path(args.output).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)

@@ -121,6 +121,17 @@ def plan(volume: Volume, plane: str | None = None, slices: tuple | None = None) 
     return view, start, stop
 
 
+@dataclass
+class _FeaturePlan:
+    view: SliceView
+    start: int
+    stop: int
+    intensity: object
+    box: Letterbox
+    key: tuple | None
+    cached: list | None
+
+
 class Engine:
     """Runs a ``VLSM`` over volumes. Thread-safe for one run at a time (the Slicer worker)."""
 
@@ -172,19 +183,61 @@ class Engine:
             self._cache.popitem(last=False)
 
     # -- the run -------------------------------------------------------------------------
+    def _plan_features(self, volume, plane, window, resize, slices, cache_key) -> "_FeaturePlan":
+        """Where the image features of a request come from: the slices, their preprocessing, the cache."""
+        view, start, stop = plan(volume, plane, slices)
+        intensity = choose_window(volume, window)
+        box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, self.model.spec.input_size, resize)
+        key = None
+        if self.cache_bytes > 0:
+            identity = cache_key if cache_key is not None else volume.fingerprint()
+            key = (identity, view.plane, start, stop, intensity, box, id(self.model), self.dtype)
+        cached = self._cache_lookup(key) if key is not None else None
+        return _FeaturePlan(view, start, stop, intensity, box, key, cached)
+
+    def _features(self, volume, fp: "_FeaturePlan", cancel=None):
+        """Yields ``(first, stop, features)`` per batch, cached or encoded; caches fresh ones at the end.
+        Runs in the caller's inference-mode / autocast context."""
+        spec = self.model.spec
+        source = fp.view.view(volume.array)
+        fresh = [] if (fp.key is not None and fp.cached is None) else None
+        for batch_index, s in enumerate(range(fp.start, fp.stop, self.batch_size)):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            e = min(s + self.batch_size, fp.stop)
+            if fp.cached is not None:
+                features = tuple(f.to(self.device) for f in fp.cached[batch_index])
+            else:
+                raw = np.ascontiguousarray(source[s:e])
+                if raw.dtype not in _TORCH_NATIVE:
+                    raw = raw.astype(np.float32)
+                pixels = to_model_input(torch.from_numpy(raw).to(self.device), fp.intensity, fp.box, spec.mean,
+                                        spec.std)
+                features = self.model.encode_images(pixels)
+                if fresh is not None:
+                    fresh.append(features)
+            yield s, e, features
+            del features  # the caller frees its reference: no batch outlives its decoding
+        if fresh is not None:
+            self._cache_store(fp.key, fresh)
+
     def prefetch(self, volume: Volume, *, plane: str | None = None, window: str = "auto", resize: str = "letterbox",
                  slices: tuple | None = None, cache_key=None) -> None:
         """Encode and cache the image features of ``slices`` before any prompt is known (the slice the
         radiologist is looking at, while they type): the next ``segment`` of it runs the decoder only.
         Needs a cache (``cache_bytes`` > 0)."""
-        if self.cache_bytes > 0:
-            self.segment(volume, ["prefetch"], plane=plane, window=window, resize=resize, slices=slices,
-                         cache_key=cache_key, _decode=False)
+        with self._lock:
+            fp = self._plan_features(volume, plane, window, resize, slices, cache_key)
+            if fp.key is None or fp.cached is not None:
+                return
+            with torch.inference_mode(), self._autocast():
+                for _ in self._features(volume, fp):
+                    pass
 
     def segment(self, volume: Volume, prompts: list[str], *, plane: str | None = None, window: str = "auto",
                 resize: str = "letterbox", slices: tuple | None = None,
                 progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                cache_key=None, _decode: bool = True) -> SegmentationResult:
+                cache_key=None) -> SegmentationResult:
         """Segment ``volume`` once per prompt.
 
         Args:
@@ -200,9 +253,9 @@ class Engine:
             ``SegmentationResult`` with probabilities ``[P, K, J, I]`` (zero outside ``slices``).
         """
         with self._lock:
-            return self._segment(volume, prompts, plane, window, resize, slices, progress, cancel, cache_key, _decode)
+            return self._segment(volume, prompts, plane, window, resize, slices, progress, cancel, cache_key)
 
-    def _segment(self, volume, prompts, plane, window, resize, slices, progress, cancel, cache_key, decode):
+    def _segment(self, volume, prompts, plane, window, resize, slices, progress, cancel, cache_key):
         start_time = time.perf_counter()
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -213,55 +266,20 @@ class Engine:
             text, w = clean_prompt(p)
             cleaned.append(text)
             warnings += w
-        view, start, stop = plan(volume, plane, slices)
-        plane = view.plane
+        fp = self._plan_features(volume, plane, window, resize, slices, cache_key)
         spec = self.model.spec
-        intensity = choose_window(volume, window)
-        box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, spec.input_size, resize)
-        text = self.encode_text(cleaned) if decode else None
-
-        key = None
-        if self.cache_bytes > 0:
-            identity = cache_key if cache_key is not None else volume.fingerprint()
-            key = (identity, plane, start, stop, intensity, box, id(self.model), self.dtype)
-        cached = self._cache_lookup(key) if key is not None else None
-        fresh = [] if (key is not None and cached is None) else None
-        if not decode and (cached is not None or fresh is None):
-            return None  # prefetch: already cached, or nothing to cache into
-
-        source = view.view(volume.array)
-        probabilities = np.zeros((len(cleaned) if decode else 0,) + volume.shape, np.float32)
-        targets = [view.view(probabilities[p]) for p in range(len(probabilities))]
-        total = stop - start
-        for batch_index, s in enumerate(range(start, stop, self.batch_size)):
-            if cancel is not None and cancel():
-                raise Cancelled()
-            e = min(s + self.batch_size, stop)
-            with torch.inference_mode(), self._autocast():
-                if cached is not None:
-                    features = tuple(f.to(self.device) for f in cached[batch_index])
-                else:
-                    raw = np.ascontiguousarray(source[s:e])
-                    if raw.dtype not in _TORCH_NATIVE:
-                        raw = raw.astype(np.float32)
-                    raw = torch.from_numpy(raw).to(self.device)
-                    pixels = to_model_input(raw, intensity, box, spec.mean, spec.std)
-                    features = self.model.encode_images(pixels)
-                    if fresh is not None:
-                        fresh.append(features)
-                if not decode:
-                    continue
+        text = self.encode_text(cleaned)
+        probabilities = np.zeros((len(cleaned),) + volume.shape, np.float32)
+        targets = [fp.view.view(probabilities[p]) for p in range(len(cleaned))]
+        with torch.inference_mode(), self._autocast():
+            for s, e, features in self._features(volume, fp, cancel):
                 logits = self.model.decode(features, text)
-                probs = torch.sigmoid(box.restore(logits)).cpu().numpy()
+                probs = torch.sigmoid(fp.box.restore(logits)).cpu().numpy()
                 del features, logits  # free this batch's activations before the next one is encoded
-            for p in range(len(cleaned)):
-                targets[p][s:e] = probs[:, p]
-            if progress is not None:
-                progress(e - start, total)
-        if fresh is not None:
-            self._cache_store(key, fresh)
-        if not decode:
-            return None
+                for p in range(len(cleaned)):
+                    targets[p][s:e] = probs[:, p]
+                if progress is not None:
+                    progress(e - fp.start, fp.stop - fp.start)
         if not spec.trained:
             warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
         for w in warnings:
@@ -270,8 +288,8 @@ class Engine:
                 log.warning(w)
         return SegmentationResult(
             grid=volume,
-            prompts=cleaned, probabilities=probabilities, threshold=spec.threshold, plane=plane,
-            slice_range=(start, stop), model_name=spec.name, trained=spec.trained, device=str(self.device),
+            prompts=cleaned, probabilities=probabilities, threshold=spec.threshold, plane=fp.view.plane,
+            slice_range=(fp.start, fp.stop), model_name=spec.name, trained=spec.trained, device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""), seconds=time.perf_counter() - start_time,
-            window=intensity.describe, warnings=warnings, from_cache=cached is not None,
+            window=fp.intensity.describe, warnings=warnings, from_cache=fp.cached is not None,
         )

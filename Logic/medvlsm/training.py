@@ -212,6 +212,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     torch.manual_seed(config.seed)
     model = model.to(device).train()
     frozen = _freeze(model, config.freeze)
+    for module in frozen:
+        module.eval()
     if len(train) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
                               for m in model.modules()):
         raise InputError(f"{model.spec.arch} normalises over the batch (BatchNorm) and needs at least 2 training "

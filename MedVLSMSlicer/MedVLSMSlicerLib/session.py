@@ -137,13 +137,20 @@ class Session:
             return self._engines[key]
 
     @staticmethod
+    def current_slice_range(volume, plane: str, current_slice: int | None):
+        """The slice on screen (the middle one when no view shows this plane)."""
+        from medvlsm.volume import SliceView
+
+        index = SliceView(volume, plane).num_slices // 2 if current_slice is None else current_slice
+        return index, index + 1
+
+    @staticmethod
     def slice_range(settings: Settings, volume, current_slice: int | None):
         """The scope as a slice range of the plane (``None``: all); ``engine.plan`` checks it."""
         from medvlsm.volume import SliceView
 
         if settings.scope == "current slice":
-            index = SliceView(volume, settings.plane).num_slices // 2 if current_slice is None else current_slice
-            return index, index + 1
+            return Session.current_slice_range(volume, settings.plane, current_slice)
         if settings.scope == "slice range":
             return settings.slice_start, settings.slice_stop or SliceView(volume, settings.plane).num_slices
         return None
@@ -183,7 +190,7 @@ class Session:
         so a current-slice Run of any prompt then runs the decoder only. Errors stay in the job: Run
         reports them properly."""
         volume = glue.volume_from_node(volume_node)
-        slices = self.slice_range(Settings(scope="current slice", plane=settings.plane), volume, current_slice)
+        slices = self.current_slice_range(volume, settings.plane, current_slice)
         key = self.cache_key(volume_node)
 
         def work(job: Job):

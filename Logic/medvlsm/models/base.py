@@ -15,6 +15,14 @@ from .spec import ModelSpec
 
 log = logging.getLogger("medvlsm")
 
+def quiet_transformers() -> None:
+    """No progress bars or info chatter from transformers: our CLI and panel report progress themselves."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def clean_prompt(prompt: str) -> tuple[str, list[str]]:
     """Normalise whitespace/unicode; return the prompt and warnings to show the user."""
     warnings = []
@@ -35,6 +43,27 @@ class VLSM(torch.nn.Module):
     """
 
     spec: ModelSpec
+
+    def __init__(self, hf_model, tokenizer, spec: ModelSpec):
+        """``hf_model``: a transformers ``PreTrainedModel`` (its config + ``save_pretrained`` are the format)."""
+        super().__init__()
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    @staticmethod
+    def hf_class():
+        """The transformers ``PreTrainedModel`` class this VLSM wraps (read by ``from_folder``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_folder(cls, folder, spec: ModelSpec) -> "VLSM":
+        """A model folder (``save_pretrained`` layout, local files only) -> the model in eval mode."""
+        from transformers import AutoTokenizer
+
+        quiet_transformers()
+        hf = cls.hf_class().from_pretrained(str(folder), local_files_only=True).eval()
+        return cls(hf, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spec)
 
     def tokenize(self, prompts: list[str]) -> dict:
         """Token ids ``[P, L]`` and attention mask, truncated to ``spec.text_tokens`` with a warning."""
@@ -89,4 +118,6 @@ class VLSM(torch.nn.Module):
 
     def save_pretrained(self, folder) -> None:
         """One checkpoint format: transformers' folder + tokenizer + ``medvlsm.json``."""
-        raise NotImplementedError
+        self.hf.save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        self.spec.save(folder)

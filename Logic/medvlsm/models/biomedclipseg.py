@@ -17,7 +17,8 @@ import functools
 import torch
 from torch import nn
 
-from .clipseg import CLIPSegFamily, quiet_transformers
+from .base import quiet_transformers
+from .clipseg import CLIPSegFamily
 from .spec import ModelSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -115,13 +116,9 @@ class BiomedCLIPSeg(CLIPSegFamily):
                          description=f"BiomedCLIPSeg {size} architecture, random weights")
         return cls(hf, tokenizer or wordpiece_tokenizer(SIZES[size]["vocab"]), spec)
 
-    @classmethod
-    def from_folder(cls, folder, spec: ModelSpec) -> "BiomedCLIPSeg":
-        from transformers import AutoTokenizer
-
-        quiet_transformers()
-        hf = _model_class().from_pretrained(str(folder), local_files_only=True).eval()
-        return cls(hf, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spec)
+    @staticmethod
+    def hf_class():
+        return _model_class()
 
     def towers(self):
         return {"image": [self.hf.vision], "text": [self.hf.text, self.hf.text_proj]}

@@ -17,16 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import VLSM
+from .base import VLSM, quiet_transformers
 from .spec import ModelSpec
-
-
-def quiet_transformers() -> None:
-    """No progress bars or info chatter from transformers: our CLI and panel report progress themselves."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def clipseg_config(size: str = "full"):
@@ -62,16 +54,8 @@ class CLIPSegFamily(VLSM):
     """
 
     def __init__(self, hf_model, tokenizer, spec: ModelSpec):
-        super().__init__()
-        self.hf = hf_model
-        self.tokenizer = tokenizer
-        self.spec = spec
+        super().__init__(hf_model, tokenizer, spec)
         self.extract_layers = list(hf_model.config.extract_layers)
-
-    def save_pretrained(self, folder) -> None:
-        self.hf.save_pretrained(str(folder), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(folder))
-        self.spec.save(folder)
 
     def embed(self, pixels):
         raise NotImplementedError
@@ -109,14 +93,11 @@ class CLIPSeg(CLIPSegFamily):
                          description=f"CLIPSeg {size} architecture, random weights")
         return cls(hf, clip_tokenizer(), spec)
 
-    @classmethod
-    def from_folder(cls, folder, spec: ModelSpec) -> "CLIPSeg":
-        from transformers import AutoTokenizer, CLIPSegForImageSegmentation
+    @staticmethod
+    def hf_class():
+        from transformers import CLIPSegForImageSegmentation
 
-        quiet_transformers()
-        hf = CLIPSegForImageSegmentation.from_pretrained(str(folder), local_files_only=True).eval()
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        return cls(hf, tok, spec)
+        return CLIPSegForImageSegmentation
 
     def towers(self):
         clip = self.hf.clip
@@ -161,8 +142,10 @@ def convert(sources, output, name: str | None = None) -> CLIPSeg:
 
     sources = [Path(p) for p in sources]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = sources[0] if len(sources) == 1 and sources[0].is_dir() else Path(tmp)
-        if folder == Path(tmp):
+        if len(sources) == 1 and sources[0].is_dir():
+            folder = sources[0]
+        else:  # loose files: gathered into a folder, as transformers reads them
+            folder = Path(tmp)
             for f in sources:
                 shutil.copy(f, folder / f.name)
         check_folder(folder)

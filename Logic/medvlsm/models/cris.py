@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import VLSM
+from .base import VLSM, quiet_transformers
 from .biomedclipseg import CLIP_MEAN, CLIP_STD, load_state_dict_file
-from .clipseg import quiet_transformers
 from .spec import ModelSpec
 
 SIZES = {
@@ -405,12 +404,6 @@ class CRIS(VLSM):
     other model's.
     """
 
-    def __init__(self, hf_model, tokenizer, spec: ModelSpec):
-        super().__init__()
-        self.hf = hf_model
-        self.tokenizer = tokenizer
-        self.spec = spec
-
     @classmethod
     def random(cls, size: str = "full", name: str | None = None, seed: int = 0) -> "CRIS":
         return cls.from_config(cris_config(size), name or f"cris-{size}-random", seed,
@@ -429,29 +422,18 @@ class CRIS(VLSM):
                          threshold=THRESHOLD, text_tokens=config.context_length, trained=False, description=description)
         return cls(hf, clip_tokenizer(), spec)
 
-    @classmethod
-    def from_folder(cls, folder, spec: ModelSpec) -> "CRIS":
-        from transformers import AutoTokenizer
-
-        quiet_transformers()
-        hf = _model_class().from_pretrained(str(folder), local_files_only=True).eval()
-        return cls(hf, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spec)
-
-    def save_pretrained(self, folder) -> None:
-        self.hf.save_pretrained(str(folder), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(folder))
-        self.spec.save(folder)
+    @staticmethod
+    def hf_class():
+        return _model_class()
 
     def towers(self):
         return {"image": [self.hf.backbone.visual], "text": [self.hf.backbone.text]}
 
     def tokenize(self, prompts):
         """CLIP BPE ids zero-padded to the 77 positions the causal text transformer was built for."""
-        tokens = super().tokenize(prompts)
+        tokens = super().tokenize(prompts)  # already truncated to text_tokens
         ids = torch.zeros(len(prompts), self.spec.text_tokens, dtype=torch.long)
-        mask = tokens["attention_mask"].bool()
-        width = ids.shape[1] if mask.shape[1] > ids.shape[1] else mask.shape[1]
-        ids[:, :width] = torch.where(mask, tokens["input_ids"], 0)[:, :width]
+        ids[:, : tokens["input_ids"].shape[1]] = tokens["input_ids"] * tokens["attention_mask"]
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     def encode_tokens(self, input_ids, attention_mask):
@@ -496,7 +478,7 @@ def convert_state_dict(original: dict) -> dict:
             out[key] = value
             continue
         key = key.removeprefix("backbone.")
-        if key in UNUSED_KEYS or key.startswith("visual.attnpool.") and key.endswith("attn_mask"):
+        if key in UNUSED_KEYS:
             continue
         out[("backbone." if key.startswith("visual.") else "backbone.text.") + key] = value
     return out
