@@ -257,7 +257,7 @@ def test_effect_source_image_round_trip(scene):
     np.testing.assert_array_equal(v.array, arr > 300)
     # voxel (0,0,0) of the array is extent start (3,2,5)
     np.testing.assert_allclose((v.ijk_to_lps() @ [0, 0, 0, 1])[:3], (m @ [3, 2, 5, 1])[:3] * [-1, -1, 1], atol=1e-9)
-    back = glue.oriented_image_like(arr > 0, image)
+    back = glue.oriented_image_on_grid(arr > 0, glue.image_grid(image))
     assert back.GetExtent() == image.GetExtent()
     assert glue.volume_from_oriented_image(back).same_grid(v)
 
@@ -327,3 +327,76 @@ def test_dicom_seg_export_from_a_dicom_loaded_volume(scene, tmp_path):
     assert dcm.get_segment_description(1).segment_label == "liver"
     with pytest.raises(glue.InputError, match="DICOM"):
         glue.export_dicom_seg(seg, node, [], tmp_path / "x.dcm")
+
+
+def _user_segment_editor(scene, segmentation):
+    """The Segment Editor module's own node (SegmentEditor.py::selectParameterNode)."""
+    scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
+    node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+    node.UnRegister(None)
+    node.SetSingletonTag("SegmentEditor")
+    node = scene.AddNode(node)
+    node.SetAndObserveSegmentationNode(segmentation)
+    return node
+
+
+def test_apply_never_changes_other_segments_unless_allowed(scene):
+    """Issue 11 point 7: a fresh editor node overwrites all segments; Apply must not."""
+    from MedVLSMSlicerLib.session import Session, Settings
+
+    node = volume_node(scene, blobs((4, 12, 12)), GEOMETRIES["oblique"])
+    target = glue.new_segmentation(scene, node)
+    drawn = np.zeros((4, 12, 12), bool)
+    drawn[1:3, 2:9, 2:9] = True
+    (manual,) = glue.write_masks(target, node, drawn[None], ["manual edit"])
+    liver = np.zeros_like(drawn)
+    liver[:, 5:12, 5:12] = True  # overlaps the drawn segment
+    session = Session(scene)
+    session.preview = glue.Preview(scene, node, liver[None], ["liver"])
+    (sid,) = session.apply(target, Settings())
+    np.testing.assert_array_equal(glue.read_segment(target, manual, node), drawn)
+    np.testing.assert_array_equal(glue.read_segment(target, sid, node), liver)
+    assert session.undo()
+    session.preview = glue.Preview(scene, node, liver[None], ["liver"])
+    session.apply(target, Settings(modify_others=True))  # opted in: the overlap leaves the drawn segment
+    np.testing.assert_array_equal(glue.read_segment(target, manual, node), drawn & ~liver)
+    assert not glue.EditorSession(scene).node.GetSaveWithScene()
+
+
+def test_apply_follows_the_users_segment_editor_masking(scene):
+    from MedVLSMSlicerLib.session import Session, Settings
+
+    node = volume_node(scene, blobs((4, 12, 12)), GEOMETRIES["flipped"])
+    target = glue.new_segmentation(scene, node)
+    region = np.zeros((4, 12, 12), bool)
+    region[:, :6, :] = True
+    (region_id,) = glue.write_masks(target, node, region[None], ["region"])
+    user = _user_segment_editor(scene, target)
+    user.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    user.SetMaskSegmentID(region_id)
+    session = Session(scene)
+    session.preview = glue.Preview(scene, node, np.ones((1, 4, 12, 12), bool), ["liver"])
+    (sid,) = session.apply(target, Settings())
+    np.testing.assert_array_equal(glue.read_segment(target, sid, node), region)
+    np.testing.assert_array_equal(glue.read_segment(target, region_id, node), region)
+
+
+def test_settings_save_writes_only_what_changed_in_one_event(scene):
+    from MedVLSMSlicerLib.session import Settings
+
+    parameters = glue.parameter_node(scene)
+    assert glue.parameter_node(scene) is parameters and parameters.GetAttribute("ModuleName") == "MedVLSMSlicer"
+    Settings(prompts=["liver"]).save(parameters)
+    events = []
+    parameters.AddObserver(__import__("vtk").vtkCommand.ModifiedEvent, lambda *_: events.append(1))
+    Settings(prompts=["liver"]).save(parameters)
+    assert events == []
+    Settings(prompts=["liver", "spleen"], plane="coronal").save(parameters)
+    assert len(events) == 1 and Settings.load(parameters).plane == "coronal"
+
+
+def test_slice_on_screen_is_found_without_copying_the_volume(scene):
+    node = volume_node(scene, blobs((6, 12, 14)), GEOMETRIES["oblique"])
+    geometry = glue.geometry_of_node(node)
+    assert geometry.shape == (6, 12, 14)
+    assert geometry.array.base is not None and geometry.array.strides == (0, 0, 0)

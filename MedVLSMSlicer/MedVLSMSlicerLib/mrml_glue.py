@@ -84,6 +84,14 @@ def volume_from_node(volume_node) -> Volume:
     return _volume(array, ijk_to_world(volume_node), volume_node.GetName())
 
 
+def geometry_of_node(volume_node) -> Volume:
+    """The node's grid as a ``Volume`` whose voxels are a zero-byte broadcast: for slice arithmetic
+    on the GUI thread (which slice is on screen) without copying the volume."""
+    k, j, i = volume_node.GetImageData().GetDimensions()[::-1]
+    return _volume(np.broadcast_to(np.zeros((), np.float32), (k, j, i)), ijk_to_world(volume_node),
+                   volume_node.GetName())
+
+
 def _oriented_image(mask: np.ndarray, image_to_frame: np.ndarray):
     """Binary mask ``[K, J, I]`` -> ``vtkOrientedImageData`` with the given IJK-to-RAS matrix."""
     import vtk
@@ -257,22 +265,53 @@ class Preview:
         return ids
 
 
-class EditorSession:
-    """A Qt-free Segment Editor: ``vtkSlicerSegmentEditorLogic`` + ``vtkMRMLSegmentEditorNode``.
+SEGMENT_EDITOR_TAG = "SegmentEditor"  # the Segment Editor module's singleton node (SegmentEditor.py)
+MASKING_SETTINGS = ("MaskMode", "MaskSegmentID", "SourceVolumeIntensityMask", "SourceVolumeIntensityMaskRange")
 
-    In Slicer the effect uses the editor widget's own logic; here the same logic class applies
-    the editor node's masking (mask segment, overwrite mode, intensity range) and keeps undo states.
+
+def user_editor_node(scene):
+    """The Segment Editor module's own parameter node (its masking settings), or None if the
+    editor was never opened in this scene."""
+    return scene.GetSingletonNode(SEGMENT_EDITOR_TAG, "vtkMRMLSegmentEditorNode")
+
+
+class EditorSession:
+    """A Qt-free Segment Editor: ``vtkSlicerSegmentEditorLogic`` (Slicer >= 5.10) on a private
+    ``vtkMRMLSegmentEditorNode``, the same logic Slicer's effects write through.
+
+    Masking follows the user's Segment Editor (mask mode and segment, intensity range) when it edits
+    the same segmentation. Other segments are never modified unless ``modify_others``: the private
+    node's overwrite mode is "none" (a fresh editor node would overwrite all visible segments).
     """
 
     def __init__(self, scene, editor_node=None):
         slicer = _slicer()
         self.scene = scene
-        if editor_node is None:  # the segment editor node class is registered by the editor module
-            editor_node = scene.AddNode(slicer.vtkMRMLSegmentEditorNode())
+        if editor_node is None:
+            editor_node = slicer.vtkMRMLSegmentEditorNode()
+            editor_node.SetSaveWithScene(False)
+            editor_node.SetHideFromEditors(True)
+            editor_node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+            editor_node = scene.AddNode(editor_node)
         self.node = editor_node
         self.logic = slicer.vtkSlicerSegmentEditorLogic()
         self.logic.SetMRMLScene(scene)
         self.logic.SetSegmentEditorNode(self.node)
+
+    def follow_user_masking(self, segmentation_node, modify_others: bool = False) -> None:
+        """Copy the user's masking for ``segmentation_node``; overwrite others only if asked."""
+        slicer = _slicer()
+        user = user_editor_node(self.scene)
+        same = user is not None and user.GetSegmentationNode() is segmentation_node
+        self.node.SetMaskMode(user.GetMaskMode() if same else slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+        self.node.SetMaskSegmentID(user.GetMaskSegmentID() if same else None)
+        self.node.SetSourceVolumeIntensityMask(bool(same and user.GetSourceVolumeIntensityMask()))
+        if same:
+            self.node.SetSourceVolumeIntensityMaskRange(user.GetSourceVolumeIntensityMaskRange())
+        overwrite = slicer.vtkMRMLSegmentEditorNode.OverwriteNone
+        if modify_others:
+            overwrite = user.GetOverwriteMode() if same else slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments
+        self.node.SetOverwriteMode(overwrite)
 
     def apply(self, segmentation_node, volume_node, masks, prompts, *, overwrite: bool = False) -> list[str]:
         slicer = _slicer()
@@ -293,6 +332,23 @@ class EditorSession:
             return False
         self.logic.Undo()
         return True
+
+
+def parameter_node(scene, module_name: str = "MedVLSMSlicer"):
+    """The module's singleton parameter node, found or created exactly as
+    ``ScriptedLoadableModuleLogic.getParameterNode`` does (Slicer's ScriptedLoadableModule.py), so the
+    panel, the effect and the module's logic share one set of settings."""
+    node = scene.GetSingletonNode(module_name, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)
+        node.SetSingletonTag(module_name)
+        node.SetAttribute("ModuleName", module_name)
+        node.SetName(scene.GenerateUniqueName(module_name))
+        node = scene.AddNode(node)
+    elif node.GetAttribute("ModuleName") != module_name:  # a scene close may drop the attribute
+        node.SetAttribute("ModuleName", module_name)
+    return node
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -367,7 +423,7 @@ def view_slice_index(volume_node, ras_point, plane: str) -> int:
     centre of a slice view: what "current slice" means."""
     from medvlsm.volume import SliceView
 
-    volume = volume_from_node(volume_node)
+    volume = geometry_of_node(volume_node)
     ijk = np.linalg.inv(ijk_to_world(volume_node)) @ np.append(np.asarray(ras_point, float), 1.0)
     kji = np.round(ijk[:3][::-1]).astype(int)
     view = SliceView(volume, plane)
@@ -382,7 +438,7 @@ def volume_from_oriented_image(image, frame_to_world=None, name: str = "source")
     """The editor's source image (``vtkOrientedImageData``, in the segmentation's frame) -> ``Volume``.
 
     ``frame_to_world`` (the segmentation's parent transform) only orients the slicing anatomically;
-    masks go back onto the very same image grid (``oriented_image_like``).
+    masks go back onto the very same image grid (``oriented_image_on_grid``).
     """
     import vtk
     from vtk.util.numpy_support import vtk_to_numpy
@@ -402,15 +458,20 @@ def volume_from_oriented_image(image, frame_to_world=None, name: str = "source")
     return _volume(np.array(array, copy=True), to_world_ras, name)
 
 
-def oriented_image_like(mask: np.ndarray, image):
-    """A binary mask ``[K, J, I]`` on the grid (extent and matrix) of ``image``."""
+def image_grid(image) -> tuple:
+    """An oriented image's grid as plain values (extent, image-to-world 4x4): a copy that stays valid
+    when the editor later changes or re-aligns the image."""
     import vtk
 
-    result = _oriented_image(mask, np.eye(4))
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
-    result.SetImageToWorldMatrix(m)
-    extent = image.GetExtent()
+    return tuple(image.GetExtent()), _to_numpy(m)
+
+
+def oriented_image_on_grid(mask: np.ndarray, grid: tuple):
+    """A binary mask ``[K, J, I]`` as a ``vtkOrientedImageData`` on ``grid`` (see ``image_grid``)."""
+    extent, matrix = grid
+    result = _oriented_image(mask, matrix)
     result.SetExtent(extent)
     return result
 

@@ -15,7 +15,7 @@ from medvlsm.prompts import Attributes, ladder, strings
 
 from . import mrml_glue as glue
 from . import qt_compat
-from .session import SCOPES, Session, Settings, readable
+from .session import POLL_MS, SCOPES, Session, Settings, readable
 
 log = logging.getLogger("medvlsm")
 
@@ -46,7 +46,8 @@ class PanelController:
         self.job_volume = None
         self.prefetch_job = None
         self._prefetched = None
-        self.timer = qt_compat.timer(100, self.poll)
+        self._showing = False
+        self.timer = qt_compat.timer(POLL_MS, self.poll)
         self._fill_models(registry_names)
         self.refresh_nodes()
         self._show_settings()
@@ -105,6 +106,8 @@ class PanelController:
 
     def read_settings(self) -> Settings:
         s = self.settings
+        if self._showing:  # widgets are being filled from the settings: they are half old, half new
+            return s
         plain = self.w("promptsEdit").toPlainText()
         s.prompts = [line.strip() for line in plain.splitlines() if line.strip()]
         s.model = self._combo_text("modelCombo") if self._combo_text("modelCombo") != LOCAL_FOLDER else s.model
@@ -115,12 +118,19 @@ class PanelController:
         s.min_voxels = int(self._value("minSizeSpin"))
         s.device = self._combo_text("deviceCombo")
         s.overwrite = self._checked("overwriteCheck")
+        s.modify_others = self._checked("modifyOthersCheck")
         if self.parameter_node is not None:
             s.save(self.parameter_node)
         return s
 
     def _show_settings(self) -> None:
-        s = self.settings
+        self._showing = True
+        try:
+            self._fill_widgets(self.settings)
+        finally:
+            self._showing = False
+
+    def _fill_widgets(self, s: Settings) -> None:
         self.w("promptsEdit").setPlainText("\n".join(s.prompts))
         for combo, value in (("modelCombo", s.model), ("planeCombo", s.plane), ("scopeCombo", s.scope),
                              ("deviceCombo", s.device)):
@@ -132,6 +142,7 @@ class PanelController:
         self.w("keepLargestCheck").setChecked(s.keep_largest)
         self.w("fillHolesCheck").setChecked(s.fill_holes)
         self.w("overwriteCheck").setChecked(s.overwrite)
+        self.w("modifyOthersCheck").setChecked(s.modify_others)
         if s.threshold >= 0:
             self.w("thresholdSlider").setValue(int(round(s.threshold * 100)))
         self._show_history()
@@ -251,14 +262,23 @@ class PanelController:
         self.status(f"Segmenting {', '.join(repr(p) for p in settings.prompts)}...")
         self.timer.start()
 
+    def reload_settings(self) -> None:
+        """After a scene is loaded or closed: show the settings its parameter node holds."""
+        if self.parameter_node is not None:
+            self.settings = Settings.load(self.parameter_node)
+        self.refresh_nodes()
+        self._show_settings()
+
     def poll(self) -> None:
         job = self.job
         if job is None:
             return
+        job.wait_gui()  # the worker runs while the GUI thread waits (PythonQt holds the GIL otherwise)
         done, total = job.progress
         if total:
             self.w("progressBar").setValue(int(100 * done / total))
         if not job.done:
+            self.status(job.phase)
             return
         self.timer.stop()
         self.job = None

@@ -18,6 +18,9 @@ from medvlsm.errors import Cancelled, InputError, MedVLSMError
 from . import mrml_glue as glue
 
 SCOPES = ("whole volume", "current slice", "slice range")
+POLL_MS = 100  # GUI timer period while a job runs
+GUI_WAIT_S = 0.085  # of each period, the GUI thread waits on the worker (GIL released)
+_SHARED: dict = {}
 
 
 @dataclass
@@ -36,13 +39,21 @@ class Settings:
     fill_holes: bool = False
     min_voxels: int = 0
     device: str = "auto"
-    overwrite: bool = False
+    overwrite: bool = False  # replace the same-named segment instead of adding "liver (2)"
+    modify_others: bool = False  # let Apply overwrite other segments (Segment Editor's overwrite mode)
     window: str = "auto"
 
     def save(self, parameter_node) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            parameter_node.SetParameter(f.name, "\n".join(value) if isinstance(value, list) else str(value))
+        """Writes only what changed, in one Modified event (each keystroke saves the settings)."""
+        wasModifying = parameter_node.StartModify()
+        try:
+            for f in fields(self):
+                value = getattr(self, f.name)
+                text = "\n".join(value) if isinstance(value, list) else str(value)
+                if parameter_node.GetParameter(f.name) != text:
+                    parameter_node.SetParameter(f.name, text)
+        finally:
+            parameter_node.EndModify(wasModifying)
 
     @classmethod
     def load(cls, parameter_node) -> "Settings":
@@ -63,10 +74,17 @@ class Settings:
 
 
 class Job:
-    """One model run on a worker thread. Poll ``done``; read ``progress``; ``cancel()`` anytime."""
+    """One model run on a worker thread. Poll ``done``; read ``progress`` and ``phase``; ``cancel()``
+    anytime.
+
+    Inside Slicer, PythonQt holds the GIL while Qt's event loop idles, so a Python worker thread runs
+    only while the GUI thread executes Python. GUI timers therefore call ``wait_gui``: the GUI thread
+    sleeps on the worker (releasing the GIL) for most of each tick and the worker runs at full speed.
+    """
 
     def __init__(self, target):
         self.progress = (0, 0)
+        self.phase = "Starting..."
         self.result = None
         self.error: Exception | None = None
         self._cancel = threading.Event()
@@ -82,6 +100,7 @@ class Job:
 
     def report(self, done, total):
         self.progress = (done, total)
+        self.phase = f"Segmenting: {done}/{total} slices"
 
     def cancel(self):
         self._cancel.set()
@@ -98,6 +117,10 @@ class Job:
         self._thread.join(timeout)
         return self.done
 
+    def wait_gui(self, seconds: float = GUI_WAIT_S) -> bool:
+        """Called from a GUI timer slot: give the worker the GIL for ``seconds`` (or until it ends)."""
+        return self.wait(seconds)
+
 
 def readable(error: Exception) -> str:
     """One line for the panel, whatever went wrong."""
@@ -111,6 +134,15 @@ def readable(error: Exception) -> str:
     return f"Unexpected {name}: {first}. Details are in the Python console; please report them."
 
 
+def shared_session(scene, model_loader=None) -> "Session":
+    """The one session of a scene: the panel, the Segment Editor effect and the module's logic share
+    its engines (the model is loaded once), its volume copies and its undo."""
+    key = id(scene)
+    if key not in _SHARED or _SHARED[key].scene is not scene:
+        _SHARED[key] = Session(scene, model_loader)
+    return _SHARED[key]
+
+
 class Session:
     """Engines (one per model and device, kept warm), the last result, the preview and undo."""
 
@@ -119,22 +151,33 @@ class Session:
         self._load_model = model_loader
         self.cache_bytes = cache_bytes
         self._engines = {}
+        self._volume = (None, None)  # (cache key, Volume): the last volume node copied
         self.preview: glue.Preview | None = None
         self.last_result = None
         self.editor: glue.EditorSession | None = None
         self._loading = threading.Lock()  # a prefetch and a Run may both ask for the model first
 
-    def engine(self, model: str, device: str):
+    def engine(self, model: str, device: str, job: Job | None = None):
         from medvlsm.engine import Engine
 
         key = (model, device)
         with self._loading:
             if key not in self._engines:
+                if job is not None:
+                    job.phase = "Loading the model (the first use of a registry model downloads it)..."
                 loader = self._load_model
                 if loader is None:
                     from medvlsm.models import load_model as loader
                 self._engines[key] = Engine(loader(model or None), device=device, cache_bytes=self.cache_bytes)
             return self._engines[key]
+
+    def volume(self, volume_node):
+        """The node's voxels as a ``Volume`` (a copy), copied once per content: re-prompts and
+        prefetches of an unchanged node reuse it (keyed on node ID + modified times)."""
+        key = self.cache_key(volume_node)
+        if self._volume[0] != key:
+            self._volume = (key, glue.volume_from_node(volume_node))
+        return self._volume[1]
 
     @staticmethod
     def current_slice_range(volume, plane: str, current_slice: int | None):
@@ -157,24 +200,33 @@ class Session:
 
     def start(self, volume_node, settings: Settings, current_slice: int | None = None) -> Job:
         """Validate on the GUI thread (fast, clear errors), then run the model in the background."""
-        prompts = [p for p in settings.prompts]
-        if not prompts:
-            raise InputError("No prompt", "Type what to segment, one structure per line")
-        from medvlsm.engine import plan
-
-        volume = glue.volume_from_node(volume_node)
+        volume = self.volume(volume_node)
         slices = self.slice_range(settings, volume, current_slice)
-        plan(volume, settings.plane, slices)  # the volume, plane and range, before any model work
-        cache_key = self.cache_key(volume_node)
-        for p in prompts:
+        job = self.run(volume, settings, slices, self.cache_key(volume_node))
+        for p in settings.prompts:
             if p in settings.history:
                 settings.history.remove(p)
             settings.history.insert(0, p)
         del settings.history[30:]
+        return job
+
+    def run(self, volume, settings: Settings, slices=None, cache_key=None) -> Job:
+        """Any ``Volume`` (a node's copy, the Segment Editor's source image): checks, then a worker
+        that loads the model if needed and segments with the settings' model, device and plane."""
+        prompts = list(settings.prompts)
+        if not prompts:
+            raise InputError("No prompt", "Type what to segment, one structure per line")
+        from medvlsm.engine import plan
+
+        plan(volume, settings.plane, slices)  # the volume, plane and range, before any model work
+        model, device, plane, window = settings.model, settings.device, settings.plane, settings.window
 
         def work(job: Job):
-            engine = self.engine(settings.model, settings.device)
-            return engine.segment(volume, prompts, plane=settings.plane, window=settings.window, slices=slices,
+            engine = self.engine(model, device, job)
+            if job.cancelled:
+                raise Cancelled()
+            job.phase = "Segmenting..."
+            return engine.segment(volume, prompts, plane=plane, window=window, slices=slices,
                                   progress=job.report, cancel=lambda: job.cancelled, cache_key=cache_key)
 
         return Job(work)
@@ -183,18 +235,20 @@ class Session:
     def cache_key(volume_node):
         """Cheap identity of the volume's content and placement (node ID + modified times)."""
         transform = volume_node.GetParentTransformNode()
-        return volume_node.GetID(), volume_node.GetMTime(), transform and transform.GetMTime()
+        image = volume_node.GetImageData()
+        return (volume_node.GetID(), volume_node.GetMTime(), image and image.GetMTime(),
+                transform and transform.GetMTime())
 
     def prefetch(self, volume_node, settings: Settings, current_slice: int | None = None) -> Job:
         """While the prompt is typed: load the model and encode the slice on screen in the background,
         so a current-slice Run of any prompt then runs the decoder only. Errors stay in the job: Run
         reports them properly."""
-        volume = glue.volume_from_node(volume_node)
+        volume = self.volume(volume_node)
         slices = self.current_slice_range(volume, settings.plane, current_slice)
         key = self.cache_key(volume_node)
 
         def work(job: Job):
-            engine = self.engine(settings.model, settings.device)
+            engine = self.engine(settings.model, settings.device, job)
             engine.prefetch(volume, plane=settings.plane, window=settings.window, slices=slices, cache_key=key)
 
         return Job(work)
@@ -211,12 +265,12 @@ class Session:
         self.preview = glue.Preview(self.scene, volume_node, self.masks(settings), job.result.prompts)
         return self.preview
 
-    def masks(self, settings: Settings) -> np.ndarray:
+    def masks(self, settings: Settings, result=None) -> np.ndarray:
         from medvlsm.postprocess import PostProcess
 
         post = PostProcess(settings.keep_largest, settings.min_voxels, settings.fill_holes)
         threshold = None if settings.threshold < 0 else settings.threshold
-        return self.last_result.masks(threshold, post)
+        return (result or self.last_result).masks(threshold, post)
 
     def rethreshold(self, settings: Settings) -> None:
         """Instant: re-cut the last probabilities into the preview, no model run."""
@@ -230,10 +284,13 @@ class Session:
         self.preview = None
 
     def apply(self, target_node, settings: Settings):
+        """Into ``target_node`` through the Segment Editor logic: the user's masking applies, other
+        segments are untouched unless ``settings.modify_others``; undoable."""
         if self.preview is None:
             raise InputError("Nothing to apply", "Run first, then Apply the preview")
         if self.editor is None:
             self.editor = glue.EditorSession(self.scene)
+        self.editor.follow_user_masking(target_node, settings.modify_others)
         ids = self.preview.apply(target_node, overwrite=settings.overwrite, editor=self.editor)
         self.preview = None
         return ids
