@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,37 @@ EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability: give a number between 0 and 1, e.g. 0.5")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0, e.g. 100")
+    return value
+
+
+def _join_negative_values(argv: list) -> list:
+    """``--window -600,1500`` as users type it (argparse would read the value as an option)."""
+    out = []
+    for token in argv:
+        if out and out[-1] == "--window" and token[:1] == "-" and token[1:2].isdigit():
+            out[-1] = f"--window={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name (see `medvlsm models`) or a model folder; "
                    "default: the registry's default (clipseg-rd64-refined)")
@@ -27,7 +59,8 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 where the hardware supports it natively, else fp32")
-    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's own)")
+    p.add_argument("--threshold", type=_probability, default=None,
+                   help="probability threshold between 0 and 1 (default: the model's own)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 8 on CPU, 32 on GPU)")
     p.add_argument("--window", default="auto", help="intensity window: auto, abdomen, lung, bone, brain, mediastinum, "
                    "percentile, none, or LEVEL,WIDTH in HU")
@@ -35,7 +68,8 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
                    help="letterbox keeps the physical aspect ratio; stretch squashes to a square as the paper did")
     p.add_argument("--slices", default=None, help="START:STOP slice range in the chosen plane (default: all)")
     p.add_argument("--keep-largest", action="store_true", help="keep only the largest 3D connected component")
-    p.add_argument("--min-size", type=int, default=0, help="remove 3D islands smaller than this many voxels")
+    p.add_argument("--min-size", type=_non_negative_int, default=0,
+                   help="remove 3D islands smaller than this many voxels")
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes")
 
 
@@ -179,6 +213,7 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
 
     volume = io.read_image(input_path)
     is_2d = volume.shape[0] == 1
+    io.check_distinct_outputs([input_path, *volume.dicom_files], [*outputs, probabilities, overlay])
     extensions = [io.check_output_path(o, is_2d=is_2d, dicom=bool(volume.dicom_files)) for o in outputs]
     if probabilities:
         io.check_output_path(probabilities, is_2d=is_2d, kind="probabilities")
@@ -206,13 +241,13 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
     masks = result.masks(args.threshold, post)
     for output, ext in zip(outputs, extensions):
         if ext == ".seg.nrrd":
-            io.write_seg_nrrd(volume, masks, result.prompts, output)
+            io.written(output, io.write_seg_nrrd, volume, masks, result.prompts, output)
         elif ext == ".dcm":
-            io.write_dicom_seg(volume, masks, result.prompts, output, result.model_name)
+            io.written(output, io.write_dicom_seg, volume, masks, result.prompts, output, result.model_name)
         else:
-            io.write_labelmap(volume, labelmap(masks, result.probabilities), output)
+            io.written(output, io.write_labelmap, volume, labelmap(masks, result.probabilities), output)
     if probabilities:
-        io.write_probabilities(volume, result.probabilities, probabilities)
+        io.written(probabilities, io.write_probabilities, volume, result.probabilities, probabilities)
     if overlay:
         from .overlay import save_overlay
 
@@ -499,8 +534,13 @@ class _OneLine(logging.Handler):
         print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed run cleans up like Ctrl-C: no half-written file
     log.handlers[:] = [_OneLine()]
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     log.propagate = False
@@ -512,7 +552,8 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         return 0
     except KeyboardInterrupt:
-        print("cancelled: interrupted; no output was written.", file=sys.stderr)
+        print("cancelled: interrupted; every output path holds its complete new file or what it held before.",
+              file=sys.stderr)
         return EXIT_CANCELLED
     except MedVLSMError as e:
         if args.debug:

@@ -158,7 +158,9 @@ def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", thr
 
 def write_csv(rows: list[dict], path) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    from .atomic import atomic_open
+
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -198,7 +200,10 @@ def box_plot(rows: list[dict], path, metric: str = "dice") -> None:
     ax.set_xlabel("prompt type")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=100)
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(str(tmp), dpi=100)
     plt.close(fig)
 
 

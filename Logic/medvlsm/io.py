@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InputError
 from .volume import Volume
 
@@ -155,21 +156,49 @@ def check_output_path(path, *, is_2d: bool, kind: str = "output", dicom: bool = 
     return ext
 
 
+def check_distinct_outputs(inputs, outputs) -> None:
+    """Before any work: no output may be an input, a folder, or another output of the same run."""
+    seen = {Path(i).resolve(): "the input" for i in inputs if i}
+    for output in outputs:
+        if not output:
+            continue
+        resolved = Path(output).resolve()
+        if resolved in seen:
+            raise InputError(f"Output {output} is {seen[resolved]}",
+                             "Choose another file name: medvlsm never writes over its input or twice to one file")
+        if resolved.is_dir():
+            raise InputError(f"Output {output} is a folder", "Give a file name, e.g. result.seg.nrrd")
+        seen[resolved] = "also another output of this run"
+
+
+def written(path, writer, *args) -> None:
+    """Run ``writer(*args)`` (an atomic writer), turning a failed write (full disk, lost drive) into one
+    line that says the path is unchanged."""
+    try:
+        writer(*args)
+    except (OSError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else e.__class__.__name__
+        raise InputError(f"Could not write {path} ({reason}); it holds what it held before",
+                         "Free disk space or choose another folder, then run again") from e
+
+
 def write_labelmap(volume: Volume, labels: np.ndarray, path) -> None:
     """``labels [K, J, I]`` (0 = background, i = i-th prompt) on ``volume``'s grid -> file."""
     ext = extension(path)
     labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
-    if ext == ".png":
-        _sitk().WriteImage(_sitk().GetImageFromArray((labels[0] > 0).astype(np.uint8) * 255), str(path))
-        return
-    _sitk().WriteImage(volume_to_sitk(volume, labels), str(path), useCompression=True)
+    image = (_sitk().GetImageFromArray((labels[0] > 0).astype(np.uint8) * 255) if ext == ".png"
+             else volume_to_sitk(volume, labels))
+    with atomic_path(path) as tmp:
+        _sitk().WriteImage(image, str(tmp), useCompression=ext != ".png")
 
 
 def write_probabilities(volume: Volume, probabilities: np.ndarray, path) -> None:
     """``probabilities [P, K, J, I]`` -> float32 file; several prompts become vector components."""
     probabilities = probabilities.astype(np.float32, copy=False)
     array = probabilities[0] if len(probabilities) == 1 else np.moveaxis(probabilities, 0, -1)
-    _sitk().WriteImage(volume_to_sitk(volume, array, vector=len(probabilities) > 1), str(path), useCompression=True)
+    image = volume_to_sitk(volume, array, vector=len(probabilities) > 1)
+    with atomic_path(path) as tmp:
+        _sitk().WriteImage(image, str(tmp), useCompression=True)
 
 
 # ---- DICOM SEG (highdicom) ---------------------------------------------------------------------
@@ -220,7 +249,8 @@ def write_dicom_seg(volume: Volume, masks: np.ndarray, names, path, model_name: 
         manufacturer="MedVLSM-Slicer", manufacturer_model_name=model_name, software_versions=__version__,
         device_serial_number="0", content_description="Text-prompted segmentation (research use)",
         omit_empty_frames=False)
-    seg.save_as(str(path))
+    with atomic_path(path) as tmp:
+        seg.save_as(str(tmp))
 
 
 # ---- 3D Slicer segmentation files (.seg.nrrd) -------------------------------------------
@@ -288,7 +318,8 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None) 
             f"Segment{s}_Extent": extent,
             f"Segment{s}_Tags": "Segmentation.Status:inprogress|",
         })
-    nrrd.write(str(path), data, header, index_order="C", compression_level=1)  # 9 is up to 300x slower on noisy masks
+    with atomic_path(path) as tmp:  # gzip level 9 is up to 300x slower on noisy masks
+        nrrd.write(str(tmp), data, header, index_order="C", compression_level=1)
 
 
 def _extent(mask: np.ndarray) -> str:

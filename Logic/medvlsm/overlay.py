@@ -56,5 +56,8 @@ def save_overlay(volume, masks: np.ndarray, names, path, *, plane: str = "axial"
     if title:
         fig.suptitle(title, fontsize=11, color="darkred" if "UNTRAINED" in title else "black")
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(str(path), dpi=90)
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(str(tmp), dpi=90)
     plt.close(fig)

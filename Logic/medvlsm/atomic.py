@@ -1,0 +1,58 @@
+"""The one way medvlsm writes a file: to a temporary name in the target folder, flushed to disk,
+renamed into place only when complete.
+
+An error, an interrupt (Ctrl-C, SIGTERM: the CLI turns it into ``KeyboardInterrupt``) or a full disk
+leaves the path exactly as it was and no temporary file behind. Files are created 0644 (a model or a
+result on a shared drive is readable by colleagues).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+FILE_MODE = 0o644
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside ``path`` with the same extension (writers that choose their
+    format from the name, such as SimpleITK, keep working); renames it to ``path`` on success.
+
+    Example::
+
+        with atomic_path("out.nii.gz") as tmp:
+            sitk.WriteImage(image, str(tmp))
+    """
+    from .io import extension
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{extension(path)}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", **kwargs):
+    """``open`` for writing, atomically (text files: reports, CSV, JSON)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f

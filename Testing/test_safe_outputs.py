@@ -1,0 +1,130 @@
+"""Issue 12, outputs and options: nothing the user has is lost, nothing wrong is reported as success.
+
+Each test would fail on the commit before the atomic writer and the up-front checks."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import blobs, sha
+
+from medvlsm import io
+from medvlsm.atomic import atomic_open, atomic_path
+from medvlsm.cli import main
+from medvlsm.volume import Volume
+
+
+@pytest.fixture
+def ct_file(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(io.volume_to_sitk(Volume(blobs((4, 24, 28)), (0.8, 0.8, 2.5))), str(path))
+    return path
+
+
+def run(argv, capsys):
+    code = main(["--quiet"] + [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "unexpected" not in err
+    return code, out, err
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("option", ["--output", "--probabilities", "--overlay"])
+def test_an_output_that_is_the_input_is_refused_before_the_model_loads(tmp_path, ct_file, capsys, option):
+    before = sha(ct_file)
+    argv = ["segment", ct_file, "-p", "liver", "--model", tmp_path / "no-such-model"]
+    argv += [option, ct_file] + (["--output", tmp_path / "out.seg.nrrd"] if option != "--output" else [])
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "is the input" in err  # said before the (missing) model was looked at
+    assert sha(ct_file) == before
+
+
+def test_two_outputs_of_one_run_cannot_be_one_file(tmp_path, ct_file, capsys):
+    out = tmp_path / "same.nii.gz"
+    code, _, err = run(["segment", ct_file, "-p", "liver", "-o", out, "--probabilities", out], capsys)
+    assert code == 2 and "another output of this run" in err
+
+
+def test_an_output_that_is_a_folder_is_one_line(tmp_path, ct_file, capsys):
+    (tmp_path / "dir.nii.gz").mkdir()
+    code, _, err = run(["segment", ct_file, "-p", "liver", "-o", tmp_path / "dir.nii.gz"], capsys)
+    assert code == 2 and "is a folder" in err
+
+
+@pytest.mark.parametrize("option,value", [("--threshold", "2"), ("--threshold", "-1"), ("--threshold", "nan"),
+                                          ("--threshold", "0"), ("--min-size", "-5")])
+def test_out_of_range_options_are_refused_with_the_valid_range(tmp_path, ct_file, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(ct_file), "-p", "liver", "-o", str(tmp_path / "o.nii.gz"), option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert value in err and ("between 0 and 1" in err or ">= 0" in err)
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_negative_window_level_is_accepted_as_typed(tmp_path, ct_file, tiny_model_dir, capsys):
+    code, out, err = run(["segment", ct_file, "-p", "lung", "--model", tiny_model_dir, "-o", tmp_path / "o.nii.gz",
+                          "--window", "-600,1500", "--precision", "fp32"], capsys)
+    assert code == 0, err
+    assert "-600" in out
+
+
+def _seg_nrrd(path, value):
+    v = Volume(np.zeros((2, 6, 7), np.int16))
+    io.write_seg_nrrd(v, np.full((1, 2, 6, 7), value, bool), ["liver"], path)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(28, "No space left on device")],
+                         ids=["interrupt", "disk-full"])
+def test_a_write_that_stops_midway_leaves_the_earlier_file_and_no_temporary(tmp_path, monkeypatch, failure):
+    import nrrd
+
+    target = tmp_path / "result.seg.nrrd"
+    _seg_nrrd(target, True)
+    before = sha(target)
+    real_write = nrrd.write
+
+    def half_then_fail(filename, *args, **kwargs):
+        real_write(filename, *args, **kwargs)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise failure
+
+    monkeypatch.setattr(nrrd, "write", half_then_fail)
+    with pytest.raises(type(failure)):
+        _seg_nrrd(target, False)
+    assert sha(target) == before and leftovers(tmp_path) == []
+
+
+def test_a_failed_write_in_the_cli_says_the_path_is_unchanged(tmp_path, ct_file, tiny_model_dir, capsys, monkeypatch):
+    target = tmp_path / "o.nii.gz"
+    target.write_bytes(b"earlier result")
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", disk_full)
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "-o", target,
+                        "--precision", "fp32"], capsys)
+    assert code == 2 and "holds what it held before" in err and "No space left" in err
+    assert target.read_bytes() == b"earlier result" and leftovers(tmp_path) == []
+
+
+def test_every_written_file_is_world_readable_and_complete(tmp_path):
+    old = os.umask(0o077)  # a strict umask, as on many shared servers
+    try:
+        with atomic_open(tmp_path / "report.csv", "w", encoding="utf-8") as f:
+            f.write("a,b\n")
+        with atomic_path(tmp_path / "image.nii.gz") as tmp:
+            sitk.WriteImage(sitk.Image(3, 3, sitk.sitkUInt8), str(tmp))
+    finally:
+        os.umask(old)
+    for name in ("report.csv", "image.nii.gz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert sitk.ReadImage(str(tmp_path / "image.nii.gz")).GetSize() == (3, 3)
+    assert leftovers(tmp_path) == []
