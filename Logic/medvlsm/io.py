@@ -103,6 +103,8 @@ def read_image(path) -> Volume:
         if p.is_dir():
             image, files = _read_dicom_series(p)
         else:
+            if extension(p) in (".nii", ".nii.gz"):
+                check_nifti(p)
             image = sitk.ReadImage(str(p))
     except InputError:
         raise
@@ -114,6 +116,7 @@ def read_image(path) -> Volume:
         ) from e
     volume = volume_from_sitk(image, source=p.name)
     volume.dicom_files = tuple(files)
+    volume.modality = _dicom_tag(files[0], "0008|0060").upper() if files else ""
     volume.validate()
     return volume
 
@@ -129,9 +132,112 @@ def _read_dicom_series(folder: Path):
             "Put each series in its own folder (or load it in Slicer's DICOM browser and use the module)",
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    left_out = sorted(f.name for f in folder.iterdir() if f.is_file() and str(f) not in files and _looks_like_dicom(f))
+    if left_out:
+        raise InputError(f"{len(left_out)} DICOM file(s) in {folder} cannot be read as part of the series: "
+                         f"{', '.join(left_out[:3])}", "Replace the damaged files with complete copies and run again")
+    _check_series_positions(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return reader.Execute(), files
+
+
+def _dicom_tag(path, tag: str) -> str:
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def _check_series_positions(files) -> None:
+    """GDCM sorts a series by position but averages its spacing over gaps and duplicates. Refuse a
+    series whose slices are not evenly spaced, naming where."""
+    if len(files) < 3:
+        return
+    orientation = np.array(_dicom_tag(files[0], "0020|0037").split("\\"), float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    z = np.array([np.dot(np.array(_dicom_tag(f, "0020|0032").split("\\"), float), normal) for f in files])
+    steps = np.diff(z)
+    spacing = float(np.median(np.abs(steps)))
+    for n, step in enumerate(steps):
+        name = f"{Path(files[n]).name} and {Path(files[n + 1]).name}"
+        if abs(step) < 1e-3 * max(spacing, 1e-6):
+            raise InputError(f"Two slices of the DICOM series are at the same position ({z[n]:.2f} mm): {name}",
+                             "Remove the duplicate file (or separate the two series) and run again")
+        if abs(abs(step) - spacing) > 0.1 * spacing:
+            raise InputError(f"The DICOM series has uneven slice positions: {name} are {abs(step):.2f} mm apart, "
+                             f"the others {spacing:.2f} mm (a slice is missing or out of place)",
+                             "Load the complete series; medvlsm will not place slices on an averaged spacing")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+    except OSError:
+        return True
+
+
+# ---- integrity checks ITK does not make ---------------------------------------------------------
+
+_NIFTI_FLOATS = {16: np.float32, 64: np.float64}  # NIfTI datatype codes of the float voxel types
+
+
+def _nifti_header(head: bytes):
+    """(shape, bytes per voxel, float dtype or None, data offset) of a NIfTI-1 or NIfTI-2 header."""
+    import struct
+
+    for order in "<>":
+        if struct.unpack(order + "i", head[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if struct.unpack(order + "i", head[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    shape = dims[1:1 + max(0, min(dims[0], 7))]
+    float_type = _NIFTI_FLOATS.get(datatype)
+    return shape, bitpix // 8, (np.dtype(float_type).newbyteorder(order) if float_type else None), offset
+
+
+def check_nifti(path: Path) -> None:
+    """ITK reads a truncated ``.nii(.gz)`` with the missing voxels as 0 and NaN/Inf voxels as 0, without
+    a word. Stream the file once (memory: one chunk) and refuse both."""
+    import gzip
+
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            info = _nifti_header(f.read(540))
+            if info is None:
+                return  # not a NIfTI header: ITK's own error will say so
+            shape, itemsize, float_type, offset = info
+            expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+            f.seek(offset)
+            received, bad, carry = 0, 0, b""
+            while chunk := f.read(1 << 24):
+                received += len(chunk)
+                if float_type is not None:
+                    chunk, whole = carry + chunk, (len(carry) + len(chunk)) // itemsize * itemsize
+                    values = np.frombuffer(chunk[:whole], float_type)
+                    carry = chunk[whole:]
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        raise InputError(f"Cannot read {path.name}: the file is damaged or incomplete ({e})",
+                         "Copy or download it again; medvlsm will not segment a partial volume") from e
+    if received < expected:
+        raise InputError(f"{path.name} holds {received} bytes of voxel data where its header says {expected}",
+                         "The file is incomplete: copy or download it again")
+    if bad:
+        raise InputError(f"{path.name} has {bad} NaN or infinite voxels",
+                         "Replace them (e.g. with the background value) before segmenting; medvlsm will not guess")
 
 
 def check_output_path(path, *, is_2d: bool, kind: str = "output", dicom: bool = False) -> str:
@@ -274,7 +380,7 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None) 
     import nrrd
 
     masks = np.asarray(masks, dtype=bool)
-    count = len(masks)
+    count, utf8 = len(masks), {}
     colors = list(colors or [PALETTE[i % len(PALETTE)] for i in range(count)])
     overlapping, seen = False, np.zeros(masks.shape[1:], bool)  # 1 byte per voxel, not an int64 sum
     for m in masks if count > 1 else ():
@@ -309,7 +415,7 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None) 
         r, g, b = colors[s]
         header.update({
             f"Segment{s}_ID": f"Segment_{s + 1}",
-            f"Segment{s}_Name": str(name) if str(name) else "(empty prompt)",
+            f"Segment{s}_Name": _ascii_token(s, str(name) if str(name) else "(empty prompt)", utf8),
             f"Segment{s}_NameAutoGenerated": "0",
             f"Segment{s}_Color": f"{r:.6g} {g:.6g} {b:.6g}",
             f"Segment{s}_ColorAutoGenerated": "0",
@@ -320,6 +426,40 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None) 
         })
     with atomic_path(path) as tmp:  # gzip level 9 is up to 300x slower on noisy masks
         nrrd.write(str(tmp), data, header, index_order="C", compression_level=1)
+        if utf8:
+            _put_utf8_names(tmp, utf8)
+
+
+def _ascii_token(index: int, name: str, utf8: dict) -> str:
+    """pynrrd writes headers as ASCII; Slicer writes and reads segment names as UTF-8. A non-ASCII
+    name goes in as a token that ``_put_utf8_names`` replaces by the name's UTF-8 bytes."""
+    if name.isascii():
+        return name
+    token = f"@@medvlsm-utf8-{index}@@"
+    utf8[token.encode("ascii")] = name.encode("utf-8")
+    return token
+
+
+def _put_utf8_names(path: Path, utf8: dict) -> None:
+    raw = Path(path).read_bytes()
+    end = raw.index(b"\n\n") + 2  # the header ends at the first blank line; the data follows
+    header = raw[:end]
+    for token, name in utf8.items():
+        header = header.replace(token, name)
+    Path(path).write_bytes(header + raw[end:])
+
+
+def _utf8_header(path) -> dict:
+    """``key:=value`` fields of an NRRD header decoded as UTF-8 (pynrrd drops non-ASCII bytes)."""
+    fields = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line in (b"\n", b"\r\n"):
+                break
+            key, sep, value = line.decode("utf-8", "replace").rstrip("\r\n").partition(":=")
+            if sep:
+                fields[key] = value
+    return fields
 
 
 def _extent(mask: np.ndarray) -> str:
@@ -355,11 +495,12 @@ def read_seg_nrrd(path) -> Segmentation:
     # Slicer may crop to the segments' extent; "space origin" is then the cropped grid's origin.
     grid = Volume(np.zeros(data.shape[1:], np.uint8), tuple(spacing), tuple(origin), direction, Path(path).name)
     names, colors, masks = [], [], []
+    utf8 = _utf8_header(path)
     s = 0
     while f"Segment{s}_ID" in header:
         layer = int(header.get(f"Segment{s}_Layer", 0))
         value = int(header.get(f"Segment{s}_LabelValue", 1))
-        names.append(header.get(f"Segment{s}_Name", f"Segment_{s + 1}"))
+        names.append(utf8.get(f"Segment{s}_Name", f"Segment_{s + 1}"))
         colors.append(tuple(float(c) for c in header.get(f"Segment{s}_Color", "0.5 0.5 0.5").split()))
         masks.append(data[layer] == value)
         s += 1

@@ -56,8 +56,9 @@ def _sample(array: np.ndarray, limit: int = 2_000_000) -> np.ndarray:
 def choose_window(volume, window: str = "auto") -> IntensityWindow:
     """Pick the intensity mapping for a whole volume.
 
-    ``auto``: 8-bit images -> /255; CT-like ranges (air below -500 and tissue above 100, in HU)
-    -> the abdomen soft-tissue window; anything else -> 0.5-99.5 percentiles.
+    ``auto``: 8-bit images -> /255; CT (DICOM Modality, or without one a CT-like range: at least
+    1 % of voxels at -500 HU or below and tissue above 100) -> the abdomen soft-tissue window;
+    anything else (MR, PET, ...) -> 0.5-99.5 percentiles.
     A window may also be given as ``"LEVEL,WIDTH"``.
     """
     a = volume.array
@@ -67,8 +68,9 @@ def choose_window(volume, window: str = "auto") -> IntensityWindow:
             level, width = CT_WINDOWS[window] if window in CT_WINDOWS else (float(v) for v in window.split(","))
         except ValueError as e:
             raise InputError(f"Window {window!r} is not LEVEL,WIDTH", "Write e.g. --window 40,400 or a preset name") from e
-        if width <= 0:
-            raise InputError(f"Window width {width} must be positive", "Write e.g. --window 40,400")
+        if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+            raise InputError(f"Window {window!r} needs a finite level and a positive width",
+                             "Write e.g. --window 40,400 (or -600,1500 for lung)")
         sample = _sample(a)
         if sample.min() > -200 and window in CT_WINDOWS:
             log.warning("The image has no values below -200: it does not look like CT in HU, "
@@ -79,7 +81,11 @@ def choose_window(volume, window: str = "auto") -> IntensityWindow:
     if window == "none" or (window == "auto" and a.dtype == np.uint8):
         return IntensityWindow(0.0, 255.0, "8-bit values / 255")
     sample = _sample(a).astype(np.float64)
-    if window == "auto" and sample.min() <= -500 and np.percentile(sample, 99) >= 100:
+    modality = getattr(volume, "modality", "")
+    # Without a stated modality, CT is recognised by its air (at least 1 % of voxels at -500 HU or
+    # below: one outlier voxel in an MR must not switch the rule) and tissue above 100.
+    looks_ct = np.percentile(sample, 1) <= -500 and np.percentile(sample, 99) >= 100
+    if window == "auto" and (modality == "CT" or (not modality and looks_ct)):
         level, width = CT_WINDOWS["abdomen"]
         return IntensityWindow(level - width / 2, level + width / 2, "abdomen (auto: CT range detected)")
     low, high = np.percentile(sample, [0.5, 99.5])

@@ -57,6 +57,7 @@ class Volume:
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
     source: str = ""
     dicom_files: tuple = ()  # the DICOM instances of slices k = 0..K-1, when read from a series
+    modality: str = ""  # DICOM Modality (CT, MR ...) when the file states it; the automatic window uses it
 
     def __post_init__(self):
         self.spacing = tuple(float(s) for s in self.spacing)
@@ -118,6 +119,10 @@ class Volume:
             )
         if not np.all(np.isfinite(self.direction)) or abs(np.linalg.det(self.direction)) < 1e-6:
             raise InputError(f"{name} has a degenerate direction matrix", "Fix the image header's orientation")
+        if not np.allclose(self.direction.T @ self.direction, np.eye(3), atol=1e-4):
+            raise InputError(f"{name} has a sheared (non-orthogonal) voxel grid: slices, masks and volumes in mL "
+                             "would be wrong", "Resample it onto an orthogonal grid first (e.g. Slicer's 'Resample "
+                             "Scalar/Vector/DWI Volume' or SimpleITK Resample)")
         if min(self.spacing) <= 0:
             raise InputError(f"{name} has a non-positive voxel spacing {self.spacing}", "Fix the image header's spacing")
 

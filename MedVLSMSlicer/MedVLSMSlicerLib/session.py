@@ -18,8 +18,8 @@ from medvlsm.errors import Cancelled, InputError, MedVLSMError
 from . import mrml_glue as glue
 
 SCOPES = ("whole volume", "current slice", "slice range")
-POLL_MS = 100  # GUI timer period while a job runs
-GUI_WAIT_S = 0.085  # of each period, the GUI thread waits on the worker (GIL released)
+POLL_MS = 50  # GUI timer period while a job runs: the GUI answers within 50 ms
+GUI_WAIT_S = 0.045  # of each period, the GUI thread waits on the worker (GIL released): 90 % for the model
 _SHARED: dict = {}
 
 
