@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import blobs
 
+from medvlsm import io
+
 pytest.importorskip("slicer", reason="slicer-core is part of Testing/requirements.txt")
 QtWidgets = pytest.importorskip("Qt.QtWidgets", reason="Qt.py + PySide6 are part of Testing/requirements.txt")
 pytestmark = [pytest.mark.qt, pytest.mark.slicer]
@@ -153,17 +155,60 @@ def test_typing_a_prompt_encodes_the_current_slice_in_the_background(panel):
     assert panel.scene.GetNodeByID(volume.GetID()) is volume
 
 
+def scene_snapshot(scene):
+    """Every node's ID and its saved state (the scene as an MRML document), for exact comparisons."""
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    return node_ids(scene), scene.GetSceneXMLString()
+
+
 def test_cancel_leaves_the_scene_as_it_was(panel):
     add_volume(panel.scene, shape=(400, 32, 32))
     panel.c.refresh_nodes()
-    before = node_ids(panel.scene)
     panel.ui["promptsEdit"].setPlainText("liver")
+    before = scene_snapshot(panel.scene)
     panel.click("runButton")
     panel.click("runButton")  # now "Cancel"
     panel.wait()
     assert "cancelled" in panel.ui["statusLabel"].text().lower()
-    assert panel.session.preview is None and node_ids(panel.scene) == before
+    assert panel.session.preview is None and scene_snapshot(panel.scene) == before
     assert not panel.ui["applyButton"].isEnabled()
+
+
+def test_a_failed_run_leaves_the_scene_as_it_was(panel):
+    add_volume(panel.scene)
+    panel.c.refresh_nodes()
+
+    def broken(name):
+        raise RuntimeError("weights file is damaged")
+
+    panel.session._load_model = broken
+    panel.ui["deviceCombo"].setCurrentIndex(panel.ui["deviceCombo"].findText("cpu"))  # a new engine is loaded
+    panel.ui["promptsEdit"].setPlainText("liver")
+    panel.c.read_settings()  # the panel's settings as they stand when Run is pressed
+    before = scene_snapshot(panel.scene)
+    panel.click("runButton")
+    panel.wait()
+    assert "weights file is damaged" in panel.ui["statusLabel"].text()
+    assert scene_snapshot(panel.scene) == before
+
+
+def test_export_is_atomic_and_never_leaves_a_partial_file(panel, monkeypatch):
+    volume = add_volume(panel.scene)
+    target = glue.new_segmentation(panel.scene, volume)
+    glue.write_masks(target, volume, blobs((6, 48, 56))[None] > 300, ["liver"])
+    panel.c.refresh_nodes()
+    panel.ui["segmentationCombo"].setCurrentIndex(panel.ui["segmentationCombo"].findText(target.GetName()))
+    panel.exported.write_bytes(b"earlier export")
+    monkeypatch.setattr(glue, "_write_with_storage_node", lambda writer, node, path: False)  # e.g. a full disk
+    panel.click("exportButton")
+    assert "Could not write" in panel.ui["statusLabel"].text()
+    assert panel.exported.read_bytes() == b"earlier export"
+    assert [p.name for p in panel.exported.parent.iterdir() if ".tmp" in p.name] == []
+    monkeypatch.undo()
+    panel.click("exportButton")
+    assert panel.ui["statusLabel"].text().startswith("Exported")
+    assert io.read_seg_nrrd(panel.exported).names == ["liver"]
 
 
 def test_discard_and_errors_are_one_line_in_the_panel(panel):

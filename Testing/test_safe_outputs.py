@@ -128,3 +128,88 @@ def test_every_written_file_is_world_readable_and_complete(tmp_path):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
     assert sitk.ReadImage(str(tmp_path / "image.nii.gz")).GetSize() == (3, 3)
     assert leftovers(tmp_path) == []
+
+
+def test_init_refuses_a_model_folder_that_holds_files_and_writes_0644(tmp_path, capsys):
+    out = tmp_path / "model"
+    code, _, err = run(["init", "--size", "tiny", "-o", out], capsys)
+    assert code == 0, err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}
+    weights = sha(out / "model.safetensors")
+    code, _, err = run(["init", "--size", "tiny", "-o", out, "--seed", "1"], capsys)
+    assert code == 2 and "already holds files" in err and "--overwrite" in err
+    assert sha(out / "model.safetensors") == weights
+    code, _, err = run(["init", "--size", "tiny", "-o", out, "--seed", "1", "--overwrite"], capsys)
+    assert code == 0 and sha(out / "model.safetensors") != weights
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_init_input_size_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["init", "--size", "tiny", "-o", str(tmp_path / "m"), "--input-size", "0"])
+    assert "must be at least 1" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_an_interrupted_model_save_keeps_the_earlier_model(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "model"
+    tiny_model.save_pretrained(out)
+    before = {p.name: sha(p) for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tiny_model.tokenizer), "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model.save_pretrained(out)
+    assert {p.name: sha(p) for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_untrained_results_say_so_in_every_format(tmp_path, ct_file, tiny_model_dir, capsys):
+    import gzip
+
+    outputs = {ext: tmp_path / f"o{ext}" for ext in (".nii.gz", ".nrrd", ".seg.nrrd")}
+    for ext, path in outputs.items():
+        code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "-o", path,
+                            "--probabilities", tmp_path / f"p{ext if ext != '.seg.nrrd' else '.nii'}",
+                            "--precision", "fp32"], capsys)
+        assert code == 0, err
+    header = gzip.decompress(outputs[".nii.gz"].read_bytes())[148:228]
+    assert header.startswith(b"UNTRAINED WEIGHTS")
+    assert (tmp_path / "p.nii").read_bytes()[148:157] == b"UNTRAINED"
+    assert sitk.ReadImage(str(outputs[".nrrd"])).GetMetaData("descrip").startswith("UNTRAINED")
+    assert b"MedVLSM_Note:=UNTRAINED WEIGHTS" in outputs[".seg.nrrd"].read_bytes()[:4000]
+    assert sitk.ReadImage(str(outputs[".nii.gz"])).GetSize() == sitk.ReadImage(str(ct_file)).GetSize()
+
+
+def test_dicom_seg_marks_untrained_and_carries_utf8_labels(tmp_path, tiny_model_dir, capsys):
+    import pydicom
+    from conftest import rotation
+    from test_io import write_dicom_series
+
+    series = write_dicom_series(tmp_path / "ct", Volume(blobs((4, 16, 18)), (0.7, 0.9, 2.5), (0, 0, 0),
+                                                        rotation(0, 0, 10)))
+    code, _, err = run(["segment", series, "-p", "Leber 肝", "--model", tiny_model_dir, "-o", tmp_path / "s.dcm",
+                        "--precision", "fp32"], capsys)
+    assert code == 0, err
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    assert ds.SeriesDescription.startswith("UNTRAINED") and ds.ContentDescription.startswith("UNTRAINED")
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.SegmentSequence[0].SegmentLabel == "Leber 肝"
+
+
+def test_dicom_seg_from_a_series_without_uids_is_refused_before_the_model(tmp_path, capsys):
+    from conftest import rotation
+    from test_io import write_dicom_series
+
+    series = write_dicom_series(tmp_path / "ct", Volume(blobs((4, 16, 18)), (0.7, 0.9, 2.5), (0, 0, 0),
+                                                        rotation(0, 0, 10)))
+    import pydicom
+
+    for f in series.iterdir():  # an anonymiser that dropped the study UID
+        ds = pydicom.dcmread(f)
+        del ds.StudyInstanceUID
+        ds.save_as(f)
+    code, _, err = run(["segment", series, "-p", "liver", "--model", tmp_path / "absent", "-o", tmp_path / "s.dcm"],
+                       capsys)
+    assert code == 2 and "StudyInstanceUID" in err

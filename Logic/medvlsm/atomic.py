@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -56,3 +57,26 @@ def atomic_open(path, mode: str = "w", **kwargs):
     """``open`` for writing, atomically (text files: reports, CSV, JSON)."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+@contextlib.contextmanager
+def atomic_files(folder, last: str = ""):
+    """Yields a temporary folder beside ``folder``; on success each file written there (0644) replaces
+    its namesake in ``folder`` by a rename, ``last`` after all others — so a reader that checks for
+    ``last`` (a model's ``medvlsm.json``) never sees a half-written set. Other files of ``folder``
+    (a training log, a checkpoint) are kept. On failure nothing in ``folder`` changes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        files = sorted((f for f in tmp.rglob("*") if f.is_file()), key=lambda f: f.name == last)
+        for file in files:
+            _fsync(file)
+            os.chmod(file, FILE_MODE)
+        for file in files:
+            target = folder / file.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

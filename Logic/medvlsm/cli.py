@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,25 @@ def _probability(text: str) -> float:
     if not 0.0 < value < 1.0:  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"{text!r} is not a probability: give a number between 0 and 1, e.g. 0.5")
     return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _check_model_output(args) -> None:
+    """A model folder is never written over by accident: new, empty, or ``--overwrite``."""
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} is a file", "Give a folder name for the model")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise InputError(f"{out} already holds files", "Choose a new folder, or add --overwrite to replace the model")
+    parent = out.resolve().parent
+    if not os.access(parent if not out.exists() else out, os.W_OK):
+        raise InputError(f"Cannot write into {out}: permission denied", "Choose a folder you can write to")
 
 
 def _non_negative_int(text: str) -> int:
@@ -163,14 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cris: a CRIS checkpoint (cris_best.pth) and/or OpenAI CLIP RN50 weights; biomedclipseg: "
                          "open_clip_pytorch_model.bin and vocab.txt (BiomedCLIP hub repo), for -d also model.safetensors "
                          "of CIDAS/clipseg-rd64-refined; clipseg: a CIDAS/clipseg-* snapshot folder or its files")
-    cv.add_argument("--output", "-o", required=True)
+    cv.add_argument("--output", "-o", required=True, help="the model folder to write (must be new or empty)")
+    cv.add_argument("--overwrite", action="store_true", help="replace the files of an existing model folder")
 
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
     init.add_argument("--arch", default="clipseg", choices=["clipseg", "cris", "biomedclipseg"])
     init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
-    init.add_argument("--output", "-o", required=True)
+    init.add_argument("--output", "-o", required=True, help="the model folder to write (must be new or empty)")
+    init.add_argument("--overwrite", action="store_true", help="replace the files of an existing model folder")
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--input-size", type=int, default=None,
+    init.add_argument("--input-size", type=_positive_int, default=None,
                       help="square input side the model is fed (default: the architecture's, 352 / 416 / 224)")
     return parser
 
@@ -215,6 +237,8 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
     is_2d = volume.shape[0] == 1
     io.check_distinct_outputs([input_path, *volume.dicom_files], [*outputs, probabilities, overlay])
     extensions = [io.check_output_path(o, is_2d=is_2d, dicom=bool(volume.dicom_files)) for o in outputs]
+    if ".dcm" in extensions:
+        io.check_dicom_seg_source(volume.dicom_files)
     if probabilities:
         io.check_output_path(probabilities, is_2d=is_2d, kind="probabilities")
     if overlay and io.extension(overlay) != ".png":
@@ -239,15 +263,16 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
         close()
     post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)
     masks = result.masks(args.threshold, post)
+    note = "" if result.trained else f"UNTRAINED WEIGHTS ({result.model_name}): pipeline check, not a segmentation"
     for output, ext in zip(outputs, extensions):
         if ext == ".seg.nrrd":
-            io.written(output, io.write_seg_nrrd, volume, masks, result.prompts, output)
+            io.written(output, io.write_seg_nrrd, volume, masks, result.prompts, output, None, note)
         elif ext == ".dcm":
-            io.written(output, io.write_dicom_seg, volume, masks, result.prompts, output, result.model_name)
+            io.written(output, io.write_dicom_seg, volume, masks, result.prompts, output, result.model_name, note)
         else:
-            io.written(output, io.write_labelmap, volume, labelmap(masks, result.probabilities), output)
+            io.written(output, io.write_labelmap, volume, labelmap(masks, result.probabilities), output, note)
     if probabilities:
-        io.written(probabilities, io.write_probabilities, volume, result.probabilities, probabilities)
+        io.written(probabilities, io.write_probabilities, volume, result.probabilities, probabilities, note)
     if overlay:
         from .overlay import save_overlay
 
@@ -317,6 +342,7 @@ def cmd_download(args):
 
 
 def cmd_convert(args):
+    _check_model_output(args)
     files = [Path(f) for f in args.sources]
     for f in files:
         if not f.exists():
@@ -351,10 +377,10 @@ def cmd_init(args):
     if args.arch == "cris" and args.input_size is not None and args.input_size % 32:
         raise InputError(f"CRIS needs an input side divisible by 32 (its FPN merges 1/8, 1/16 and 1/32 scales), "
                          f"not {args.input_size}", "Use e.g. 416 (the paper's), 384 or 448")
+    _check_model_output(args)
     model = _model_class(args.arch).random(args.size, name=Path(args.output).name, seed=args.seed)
     if args.input_size is not None:
         model.spec.input_size = args.input_size
-    Path(args.output).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"Wrote {args.arch} ({args.size}, {n:.2f} M parameters, random weights) to {args.output}")

@@ -240,6 +240,19 @@ def check_nifti(path: Path) -> None:
                          "Replace them (e.g. with the background value) before segmenting; medvlsm will not guess")
 
 
+def check_dicom_seg_source(files) -> None:
+    """Before the model runs: a DICOM SEG needs highdicom and source instances with the UIDs it references."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError as e:
+        raise InputError("DICOM SEG export needs the highdicom package", "pip install highdicom") from e
+    for tag, name in (("0020|000d", "StudyInstanceUID"), ("0020|000e", "SeriesInstanceUID"),
+                      ("0008|0018", "SOPInstanceUID")):
+        if not _dicom_tag(files[0], tag):
+            raise InputError(f"The DICOM series has no {name} ({Path(files[0]).name}): a DICOM SEG cannot reference it",
+                             "Write .seg.nrrd or .nii.gz instead, or repair the series' UIDs (e.g. with dcmodify)")
+
+
 def check_output_path(path, *, is_2d: bool, kind: str = "output", dicom: bool = False) -> str:
     """Fail before the model runs if the result could not be written. Returns the extension."""
     ext = extension(path)
@@ -288,23 +301,41 @@ def written(path, writer, *args) -> None:
                          "Free disk space or choose another folder, then run again") from e
 
 
-def write_labelmap(volume: Volume, labels: np.ndarray, path) -> None:
-    """``labels [K, J, I]`` (0 = background, i = i-th prompt) on ``volume``'s grid -> file."""
+def write_labelmap(volume: Volume, labels: np.ndarray, path, note: str = "") -> None:
+    """``labels [K, J, I]`` (0 = background, i = i-th prompt) on ``volume``'s grid -> file.
+    ``note`` (e.g. that the weights were untrained) goes into the file's description field."""
     ext = extension(path)
     labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
     image = (_sitk().GetImageFromArray((labels[0] > 0).astype(np.uint8) * 255) if ext == ".png"
              else volume_to_sitk(volume, labels))
+    _write_sitk(image, path, note)
+
+
+def _write_sitk(image, path, note: str = "") -> None:
+    ext = extension(path)
+    if note:
+        image.SetMetaData("descrip", note)  # NRRD keeps it as a key:=value field
     with atomic_path(path) as tmp:
         _sitk().WriteImage(image, str(tmp), useCompression=ext != ".png")
+        if note and ext in (".nii", ".nii.gz"):
+            _set_nifti_descrip(tmp, note)
 
 
-def write_probabilities(volume: Volume, probabilities: np.ndarray, path) -> None:
+def _set_nifti_descrip(path: Path, note: str) -> None:
+    """ITK's NIfTI writer leaves ``descrip`` (80 bytes at offset 148 of a NIfTI-1 header) empty."""
+    import gzip
+
+    gz = str(path).lower().endswith(".gz")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
+    raw[148:228] = note.encode("ascii", "replace")[:79].ljust(80, b"\0")
+    path.write_bytes(gzip.compress(bytes(raw), compresslevel=1) if gz else bytes(raw))
+
+
+def write_probabilities(volume: Volume, probabilities: np.ndarray, path, note: str = "") -> None:
     """``probabilities [P, K, J, I]`` -> float32 file; several prompts become vector components."""
     probabilities = probabilities.astype(np.float32, copy=False)
     array = probabilities[0] if len(probabilities) == 1 else np.moveaxis(probabilities, 0, -1)
-    image = volume_to_sitk(volume, array, vector=len(probabilities) > 1)
-    with atomic_path(path) as tmp:
-        _sitk().WriteImage(image, str(tmp), useCompression=True)
+    _write_sitk(volume_to_sitk(volume, array, vector=len(probabilities) > 1), path, note)
 
 
 # ---- DICOM SEG (highdicom) ---------------------------------------------------------------------
@@ -321,7 +352,8 @@ def _segment_codes(name: str):
     return Code(category_code, "SCT", category_meaning), Code(structure.code, "SCT", structure.meaning)
 
 
-def write_dicom_seg(volume: Volume, masks: np.ndarray, names, path, model_name: str = "medvlsm") -> None:
+def write_dicom_seg(volume: Volume, masks: np.ndarray, names, path, model_name: str = "medvlsm",
+                    note: str = "") -> None:
     """Masks ``[S, K, J, I]`` of a volume read from a DICOM series -> a binary DICOM SEG referencing
     its slices, one segment per mask, coded from the anatomy vocabulary (SNOMED CT)."""
     try:
@@ -353,8 +385,13 @@ def write_dicom_seg(volume: Volume, masks: np.ndarray, names, path, model_name: 
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="MedVLSM-Slicer", manufacturer_model_name=model_name, software_versions=__version__,
-        device_serial_number="0", content_description="Text-prompted segmentation (research use)",
-        omit_empty_frames=False)
+        device_serial_number="0", content_description=(note or "Text-prompted segmentation (research use)")[:64],
+        series_description=(note or "MedVLSM text-prompted segmentation")[:64], omit_empty_frames=False)
+    if any(not str(name).isascii() for name in names):
+        try:
+            "".join(map(str, names)).encode("latin-1")
+        except UnicodeEncodeError:
+            seg.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: labels in other scripts survive
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
 
@@ -371,7 +408,7 @@ class Segmentation:
     grid: Volume
 
 
-def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None) -> None:
+def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None, note: str = "") -> None:
     """Write masks ``[S, K, J, I]`` as a Slicer ``.seg.nrrd``, one segment per mask.
 
     Non-overlapping masks share one layer (a plain labelmap other tools read too); overlapping
@@ -404,6 +441,8 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None) 
         "Segmentation_ReferenceImageExtentOffset": "0 0 0",
         "Segmentation_ConversionParameters": "",
     }
+    if note:
+        header["MedVLSM_Note"] = note
     if overlapping:
         header["kinds"] = ["list", "domain", "domain", "domain"]
         header["space directions"] = np.vstack([np.full(3, np.nan), directions])

@@ -256,7 +256,6 @@ class PanelController:
             self.status(readable(e), error=True)
             return
         self.job_volume = volume_node
-        self._show_history()
         self.w("runButton").setText("Cancel")
         self.w("progressBar").setValue(0)
         self.status(f"Segmenting {', '.join(repr(p) for p in settings.prompts)}...")
@@ -289,6 +288,7 @@ class PanelController:
             self.status(readable(e), error=isinstance(e, Exception) and "cancelled" not in str(e).lower())
             return
         result = self.session.last_result
+        self._show_history()
         self._set_threshold_slider(result)
         counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels"
                            for p, m in zip(result.prompts, self.session.preview.masks))

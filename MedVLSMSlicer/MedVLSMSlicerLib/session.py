@@ -202,13 +202,7 @@ class Session:
         """Validate on the GUI thread (fast, clear errors), then run the model in the background."""
         volume = self.volume(volume_node)
         slices = self.slice_range(settings, volume, current_slice)
-        job = self.run(volume, settings, slices, self.cache_key(volume_node))
-        for p in settings.prompts:
-            if p in settings.history:
-                settings.history.remove(p)
-            settings.history.insert(0, p)
-        del settings.history[30:]
-        return job
+        return self.run(volume, settings, slices, self.cache_key(volume_node))
 
     def run(self, volume, settings: Settings, slices=None, cache_key=None) -> Job:
         """Any ``Volume`` (a node's copy, the Segment Editor's source image): checks, then a worker
@@ -263,6 +257,11 @@ class Session:
         self.discard()
         self.last_result = job.result
         self.preview = glue.Preview(self.scene, volume_node, self.masks(settings), job.result.prompts)
+        for p in settings.prompts:  # only prompts that gave a result enter the history
+            if p in settings.history:
+                settings.history.remove(p)
+            settings.history.insert(0, p)
+        del settings.history[30:]
         return self.preview
 
     def masks(self, settings: Settings, result=None) -> np.ndarray:

@@ -117,7 +117,13 @@ class VLSM(torch.nn.Module):
         return next(self.parameters()).device
 
     def save_pretrained(self, folder) -> None:
-        """One checkpoint format: transformers' folder + tokenizer + ``medvlsm.json``."""
-        self.hf.save_pretrained(str(folder), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(folder))
-        self.spec.save(folder)
+        """One checkpoint format: transformers' folder + tokenizer + ``medvlsm.json``. Written into a
+        temporary folder first, then renamed file by file into ``folder`` with ``medvlsm.json`` last
+        (files 0644, readable by colleagues; an interrupted save leaves the earlier model intact)."""
+        from ..atomic import atomic_files
+        from .spec import SPEC_FILE
+
+        with atomic_files(folder, last=SPEC_FILE) as tmp:
+            self.hf.save_pretrained(str(tmp), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(tmp))
+            self.spec.save(tmp)
