@@ -31,6 +31,26 @@ def _probability(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number, e.g. 1e-4")
+    return value
+
+
+def _label_names(items) -> dict:
+    names = {}
+    for item in items or []:
+        value, sep, name = item.partition("=")
+        if not sep or not value.strip().isdigit() or not name.strip():
+            raise InputError(f"--label-names {item!r} is not VALUE=NAME", "Write e.g. --label-names 1=liver 2=spleen")
+        names[int(value)] = name.strip()
+    return names
+
+
 def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value == 0:
@@ -84,8 +104,10 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 8 on CPU, 32 on GPU)")
     p.add_argument("--window", default="auto", help="intensity window: auto, abdomen, lung, bone, brain, mediastinum, "
                    "percentile, none, or LEVEL,WIDTH in HU")
-    p.add_argument("--resize", default="letterbox", choices=["letterbox", "stretch"],
-                   help="letterbox keeps the physical aspect ratio; stretch squashes to a square as the paper did")
+    p.add_argument("--resize", default=None, choices=["letterbox", "stretch"],
+                   help="letterbox keeps the physical aspect ratio; stretch squashes to a square as the paper did "
+                   "(default: what the model folder records it was trained with, else letterbox; evaluate: else "
+                   "stretch, the paper's protocol)")
     p.add_argument("--slices", default=None, help="START:STOP slice range in the chosen plane (default: all)")
     p.add_argument("--keep-largest", action="store_true", help="keep only the largest 3D connected component")
     p.add_argument("--min-size", type=_non_negative_int, default=0,
@@ -162,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--model", default=None, help="registry name or model folder to start from (see `medvlsm init`)")
     ft.add_argument("--output", "-o", required=True, help="folder for the finetuned model, card and curves")
     ft.add_argument("--prompt-type", nargs="+", default=["p1"], help="p0..p9 (several: one drawn per sample) or random")
-    ft.add_argument("--epochs", type=int, default=50)
-    ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--lr", type=float, default=None,
+    ft.add_argument("--epochs", type=_positive_int, default=50)
+    ft.add_argument("--batch-size", type=_positive_int, default=16)
+    ft.add_argument("--label-names", nargs="+", default=None, metavar="VALUE=NAME",
+                    help="names (= prompts) of labelmap values, e.g. 1=liver 2=spleen (default: a Slicer colour "
+                    "table NAME.ctbl/.txt beside each labelmap)")
+    ft.add_argument("--lr", type=_positive_float, default=None,
                     help="learning rate (default: the paper's, 2e-5 for CRIS, 2e-3 for the CLIPSeg family)")
     ft.add_argument("--freeze", default="none", choices=["none", "encoders", "text"])
     ft.add_argument("--device", default="auto")
@@ -459,12 +484,13 @@ def cmd_evaluate(args):
         update, close = _progress_bar(args.quiet, "evaluating")
         worst = evaluation.WorstCases(3)
         try:
-            rows = evaluation.evaluate_model(engine, items, args.prompt_type, threshold=args.threshold,
-                                             resize=args.resize if args.resize != "letterbox" else "stretch",
+            # one preprocessing for the table and the robustness figures: asked, else as trained, else the paper's
+            resize = args.resize or engine.model.spec.resize or "stretch"
+            rows = evaluation.evaluate_model(engine, items, args.prompt_type, threshold=args.threshold, resize=resize,
                                              nsd_tolerance_mm=args.nsd_tolerance, progress=update, keep=worst)
             if args.robustness:  # the "correct" prompt: the first real (non-empty) type asked for
                 correct = next((t for t in args.prompt_type if t != "p0"), "p1")
-                robust = evaluation.robustness(engine, items, correct, args.threshold)
+                robust = evaluation.robustness(engine, items, correct, args.threshold, resize)
         finally:
             close()
     else:
@@ -472,14 +498,23 @@ def cmd_evaluate(args):
     evaluation.write_csv(rows, out)
     table = evaluation.summary_table(rows)
     report = [f"# Evaluation: {out.name}", "", table]
+    missing = evaluation.missing_cases(rows)
+    if missing:
+        report += ["", f"## Cases without a prediction ({len(missing)}, scored as empty predictions)", "",
+                   ", ".join(missing)]
     if robust:
         report += ["", "## Prompt robustness", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
                                                      for k, v in robust.items()]
-    out.with_suffix(".md").write_text("\n".join(report) + "\n", encoding="utf-8")
+    from .atomic import atomic_open
+
+    with atomic_open(out.with_suffix(".md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(report) + "\n")
     evaluation.box_plot(rows, out.with_name(out.stem + "_boxplot.png"))
     if worst is not None:
         worst.save(out.parent, out.stem)
     print(table)
+    if missing:
+        print(f"{len(missing)} case(s) without a prediction, scored as empty: {', '.join(missing[:10])}")
     if robust:
         print("\n".join(report[report.index("## Prompt robustness") + 2 :]))
     print(f"Wrote {out}, {out.with_suffix('.md')}, {out.stem}_boxplot.png")
@@ -497,7 +532,7 @@ def cmd_finetune(args):
             raise InputError("--volumes and --segmentations go together", "Give both folders")
         from .datasets import read_volume_folder
 
-        pairs = read_volume_folder(args.volumes, args.segmentations)
+        pairs = read_volume_folder(args.volumes, args.segmentations, _label_names(args.label_names))
         n_val = max(1, int(round(args.val_fraction * len(pairs)))) if len(pairs) > 1 else 0
         resize = args.resize or "letterbox"
         make = lambda ps: training.samples_from_volumes(ps, spec, args.plane, args.empty_fraction, args.seed, resize)
@@ -523,7 +558,7 @@ def cmd_finetune(args):
                                   lr=args.lr or training.PAPER_LR.get(spec.arch, training.TrainConfig.lr),
                                   prompt_types=args.prompt_type, freeze=args.freeze, seed=args.seed,
                                   patience=args.patience, precision=args.precision,
-                                  max_steps_per_epoch=args.max_steps_per_epoch)
+                                  max_steps_per_epoch=args.max_steps_per_epoch, resize=resize)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     bar = None
     if not args.quiet and training.dist_info()[0] == 0:

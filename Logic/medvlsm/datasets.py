@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +90,9 @@ class LabelledVolume:
     name: str
     image: Path
     segmentation: Path
+    label_names: dict = field(default_factory=dict)  # labelmap value -> name (prompt)
 
-    def load(self, label_names: dict | None = None):
+    def load(self):
         """-> (Volume, masks [S, K, J, I] bool on its grid, names)."""
         from . import io
 
@@ -106,16 +107,44 @@ class LabelledVolume:
         if not labels.same_grid(volume):
             raise InputError(f"Labelmap {self.segmentation.name} is not on the grid of {self.image.name}",
                              "Resample it onto the image first")
-        values = [v for v in np.unique(labels.array) if v != 0]
-        names = [(label_names or {}).get(int(v), f"label {int(v)}") for v in values]
+        values = [int(v) for v in np.unique(labels.array) if v != 0]
+        table = self.label_names or read_color_table(self.segmentation)
+        unnamed = [v for v in values if v not in table]
+        if unnamed:
+            raise InputError(f"Labelmap {self.segmentation.name} has label value(s) {unnamed[:5]} without a name "
+                             "(the names are the prompts the model learns)",
+                             "Put a Slicer colour table beside it (NAME.ctbl or NAME.txt: 'value name r g b a' per "
+                             "line), pass --label-names 1=liver 2=spleen, or use .seg.nrrd")
+        names = [table[v] for v in values]
         return volume, np.stack([labels.array == v for v in values]) if values else np.zeros((0,) + volume.shape, bool), names
 
 
-def read_volume_folder(volumes, segmentations) -> list[LabelledVolume]:
+COLOR_TABLE_EXTENSIONS = (".ctbl", ".txt")
+
+
+def read_color_table(labelmap: Path) -> dict:
+    """``{value: name}`` from a Slicer colour table beside a labelmap (``NAME.ctbl`` / ``NAME.txt``, as
+    Slicer saves a labelmap's colour node: ``value name r g b a``, ``#`` comments); {} if none."""
+    stem = case_name(labelmap)
+    for ext in COLOR_TABLE_EXTENSIONS:
+        path = labelmap.with_name(stem + ext)
+        if path.is_file():
+            table = {}
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                parts = line.split("#", 1)[0].split()
+                if len(parts) >= 2 and parts[0].isdigit():
+                    table[int(parts[0])] = parts[1].replace("_", " ")
+            return table
+    return {}
+
+
+def read_volume_folder(volumes, segmentations, label_names: dict | None = None) -> list[LabelledVolume]:
     """Pair ``volumes/NAME.ext`` with ``segmentations/NAME[.seg].ext`` (also NAME_label / NAME_seg)."""
     volumes, segmentations = Path(volumes), Path(segmentations)
     segs = {}
     for s in segmentations.iterdir():
+        if s.suffix.lower() in COLOR_TABLE_EXTENSIONS:
+            continue
         stem = case_name(s)
         for suffix in ("_label", "_seg", "_segmentation", ".seg"):
             stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
@@ -126,7 +155,7 @@ def read_volume_folder(volumes, segmentations) -> list[LabelledVolume]:
         stem_base = stem[: -len("_image")] if stem.endswith("_image") else stem
         match = segs.get(stem) or segs.get(stem_base)
         if match is not None and match != v:
-            pairs.append(LabelledVolume(stem_base, v, match))
+            pairs.append(LabelledVolume(stem_base, v, match, dict(label_names or {})))
     if not pairs:
         raise InputError(f"No volume in {volumes} has a segmentation of the same name in {segmentations}",
                          "Name them alike, e.g. case1.nii.gz and case1.seg.nrrd")

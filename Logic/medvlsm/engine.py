@@ -187,6 +187,7 @@ class Engine:
         """Where the image features of a request come from: the slices, their preprocessing, the cache."""
         view, start, stop = plan(volume, plane, slices)
         intensity = choose_window(volume, window)
+        resize = resize or self.model.spec.resize or "letterbox"  # as the model was trained, if recorded
         box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, self.model.spec.input_size, resize)
         key = None
         if self.cache_bytes > 0:
@@ -221,7 +222,7 @@ class Engine:
         if fresh is not None:
             self._cache_store(fp.key, fresh)
 
-    def prefetch(self, volume: Volume, *, plane: str | None = None, window: str = "auto", resize: str = "letterbox",
+    def prefetch(self, volume: Volume, *, plane: str | None = None, window: str = "auto", resize: str | None = None,
                  slices: tuple | None = None, cache_key=None) -> None:
         """Encode and cache the image features of ``slices`` before any prompt is known (the slice the
         radiologist is looking at, while they type): the next ``segment`` of it runs the decoder only.
@@ -235,7 +236,7 @@ class Engine:
                     pass
 
     def segment(self, volume: Volume, prompts: list[str], *, plane: str | None = None, window: str = "auto",
-                resize: str = "letterbox", slices: tuple | None = None,
+                resize: str | None = None, slices: tuple | None = None,
                 progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
                 cache_key=None) -> SegmentationResult:
         """Segment ``volume`` once per prompt.
@@ -245,7 +246,8 @@ class Engine:
             prompts: one segment per prompt (an empty prompt is the paper's p0, with a warning).
             plane: axial / coronal / sagittal; default axial (or the plane of a single-slice image).
             window: intensity mapping (see ``preprocess.choose_window``).
-            resize: ``letterbox`` (keep physical aspect) or ``stretch`` (the paper).
+            resize: ``letterbox`` (keep physical aspect) or ``stretch`` (the paper); default: what the
+                model folder records it was trained with, else ``letterbox``.
             slices: ``(start, stop)`` slice indices in display order of ``plane``; default all.
             cache_key: hashable identity of the volume for the feature cache (default: content hash).
 

@@ -27,13 +27,37 @@ METRICS = ("dice", "iou", "hd95", "nsd")
 
 # ---- files of any tool ------------------------------------------------------------------------
 
-def _read_mask(path: Path):
-    """-> (bool mask [K, J, I] of any label/segment, its grid Volume)."""
+MAX_LABELS = 64  # more distinct values than this: a noisy (JPEG) binary mask, not a labelmap
+
+
+def _read_labels(path: Path):
+    """-> ([(name or None, bool mask [K, J, I]) per label or segment], grid Volume).
+
+    ``.seg.nrrd``: one entry per segment, named. A labelmap: one entry per value (label 1, 2 ...), in
+    value order; a noisy 0/255 mask (JPEG) is one binary mask cut at half its maximum."""
     if io.extension(path) == ".seg.nrrd":
         seg = io.read_seg_nrrd(path)
-        return seg.masks.any(axis=0), seg.grid
+        return list(zip(seg.names, seg.masks)), seg.grid
     volume = io.read_image(path)
-    return binary_mask(volume), volume
+    a = volume.array.max(axis=-1) if volume.is_rgb else volume.array
+    values = np.unique(a)
+    values = values[values != 0]
+    if np.issubdtype(a.dtype, np.integer) and 0 < len(values) <= MAX_LABELS:
+        return [(None, a == v) for v in values], volume
+    return [(None, binary_mask(volume))], volume
+
+
+def _pair_labels(predicted, truth):
+    """Label i of the truth with its namesake in the prediction when both are named, else with the
+    prediction's i-th label; a label the prediction lacks is an empty mask."""
+    named = all(n for n, _ in predicted + truth)
+    by_name = {n: m for n, m in predicted}
+    for index, (name, mask) in enumerate(truth):
+        label = name if named else str(index + 1)
+        if named:
+            yield label, by_name.get(name), mask
+        else:
+            yield label, predicted[index][1] if index < len(predicted) else None, mask
 
 
 def _on_grid(mask: np.ndarray, grid, target):
@@ -60,26 +84,37 @@ def _spacing(volume) -> tuple:
 
 
 def evaluate_files(predictions, ground_truth, nsd_tolerance_mm: float = 2.0) -> list[dict]:
-    """One row per case found in both folders, matched by file name without extension."""
+    """One row per case and label of the ground truth, matched by file name without extension.
+
+    Multi-label files are scored per label (see ``_pair_labels``). A ground-truth case without a
+    prediction is scored as an empty prediction (Dice 0 for a present target) and marked ``missing``.
+    """
     predictions, ground_truth = Path(predictions), Path(ground_truth)
     for folder, what in ((predictions, "--predictions"), (ground_truth, "--ground-truth")):
         if not folder.is_dir():
             raise InputError(f"{what} folder {folder} does not exist", "Give a folder of mask files")
-    truths = {io.case_name(p): p for p in ground_truth.iterdir() if p.is_file()}
+    predicted = {io.case_name(p): p for p in predictions.iterdir() if p.is_file()}
     rows = []
-    for pred_path in sorted(p for p in predictions.iterdir() if p.is_file()):
-        case = io.case_name(pred_path)
-        if case not in truths:
-            continue
-        truth, grid = _read_mask(truths[case])
-        pred, pred_grid = _read_mask(pred_path)
-        pred = _on_grid(pred, pred_grid, grid)
+    for truth_path in sorted(p for p in ground_truth.iterdir() if p.is_file()):
+        case = io.case_name(truth_path)
+        truth, grid = _read_labels(truth_path)
         squeeze = (lambda a: a[0]) if grid.shape[0] == 1 else (lambda a: a)
-        rows.append({"case": case, **score(squeeze(pred), squeeze(truth), _spacing(grid), nsd_tolerance_mm)})
-    if not rows:
+        pred_labels = []
+        if case in predicted:
+            pred_labels, pred_grid = _read_labels(predicted[case])
+            pred_labels = [(n, _on_grid(m, pred_grid, grid)) for n, m in pred_labels]
+        for label, pred, target in _pair_labels(pred_labels, truth):
+            pred = np.zeros_like(target) if pred is None else pred
+            rows.append({"case": case, "label": label, "missing": case not in predicted,
+                         **score(squeeze(pred), squeeze(target), _spacing(grid), nsd_tolerance_mm)})
+    if not any(not r["missing"] for r in rows):
         raise InputError(f"No file in {predictions} has a namesake in {ground_truth}",
                          "Name predictions like their ground truth (case1.nii.gz <-> case1.seg.nrrd)")
     return rows
+
+
+def missing_cases(rows: list[dict]) -> list[str]:
+    return sorted({r["case"] for r in rows if r.get("missing")})
 
 
 # ---- a model, per prompt type -----------------------------------------------------------------
@@ -126,7 +161,8 @@ def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, thresho
     return rows
 
 
-def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", threshold=None) -> dict:
+def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", threshold=None,
+               resize: str = "stretch") -> dict:
     """Does the model use the text? Dice with the correct prompt minus Dice with the empty prompt and
     with an unrelated one, and the false-positive rate on images where the target is absent."""
     correct, empty, unrelated, fp = [], [], [], []
@@ -135,7 +171,7 @@ def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", thr
         probs = {}
         for key, prompt in (("correct", strings(item.prompts, prompt_type)[0]), ("empty", ""),
                             ("unrelated", UNRELATED_PROMPT)):
-            r = engine.segment(image, [prompt], cache_key=str(item.image))
+            r = engine.segment(image, [prompt], resize=resize, cache_key=str(item.image))
             probs[key] = r.probabilities[0, 0] > (r.threshold if threshold is None else threshold)
         d = {k: score(v, truth)["dice"] for k, v in probs.items()}
         correct.append(d["correct"])
@@ -215,6 +251,12 @@ class WorstCases:
         self.cases = []
 
     def __call__(self, item, ptype, prediction, truth, image, row):
+        """Keeps distinct cases: a case's worst prompt type stands for it."""
+        kept = next((c for c in self.cases if c[1] == item.name), None)
+        if kept is not None:
+            if kept[0] <= row["dice"]:
+                return
+            self.cases.remove(kept)
         self.cases.append((row["dice"], item.name, ptype, prediction, truth, image))
         self.cases.sort(key=lambda c: c[0])
         del self.cases[self.count :]

@@ -15,6 +15,7 @@ Runs unchanged under ``torchrun`` (DistributedDataParallel; rank 0 writes).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_open, atomic_path
 from .errors import InputError
 from .preprocess import Letterbox, choose_window, to_model_input
 from .prompts import PROMPT_TYPES, Attributes, geometry_attributes, ladder, strings
@@ -61,6 +63,7 @@ class TrainConfig:
     lr_patience: int = 5
     precision: str = "auto"
     max_steps_per_epoch: int = 0  # 0: all
+    resize: str = "stretch"  # how the samples were fitted to the input: recorded in the model folder
 
 
 def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "stretch", name: str = "",
@@ -204,6 +207,11 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
 
     output = Path(output)
     device = resolve_device(device)
+    base_name = model.spec.name
+    # The saved folder is this new model from its first save on: its own name, size and preprocessing,
+    # so an interrupted run leaves a usable, truthfully described best model.
+    model.spec = dataclasses.replace(model.spec, name=output.name, trained=True, resize=config.resize,
+                                     parameters_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
     init_distributed(device)
     rank, world = dist_info()
     if world > 1 and device.type == "cuda":
@@ -280,8 +288,9 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         if rank == 0:
             if improved:
                 model.save_pretrained(output)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, checkpoint)
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, tmp)
             write_curves(state["history"], output)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f%s", epoch, row["train_loss"], val_loss,
                  val_dice, " (best)" if improved else "")
@@ -292,7 +301,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                "steps_per_epoch": steps_per_epoch, "world_size": world,
                "seconds": time.perf_counter() - started}
     if rank == 0:
-        write_model_card(output, model, config, summary, len(train), len(val))
+        write_model_card(output, model, config, summary, len(train), len(val), base_name)
     return summary
 
 
@@ -321,7 +330,7 @@ def evaluate_samples(model, samples, config, loss_fn, device, dtype, rank=0, wor
 
 
 def write_curves(history: list[dict], output: Path) -> None:
-    with open(output / "training_log.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_open(output / "training_log.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
@@ -338,17 +347,22 @@ def write_curves(history: list[dict], output: Path) -> None:
     b.plot(epochs, [h["val_dice"] for h in history], color="tab:green")
     b.set_xlabel("epoch"), b.set_ylabel("validation Dice"), b.set_ylim(0, 1)
     fig.tight_layout()
-    fig.savefig(output / "training_curves.png", dpi=90)
+    with atomic_path(output / "training_curves.png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
-def write_model_card(output: Path, model, config: TrainConfig, summary: dict, n_train: int, n_val: int) -> None:
+def write_model_card(output: Path, model, config: TrainConfig, summary: dict, n_train: int, n_val: int,
+                     base_name: str = "") -> None:
     spec = json.loads((output / "medvlsm.json").read_text(encoding="utf-8")) if (output / "medvlsm.json").is_file() else {}
-    spec.update(trained=True, description=f"Finetuned with medvlsm on {n_train} samples")
-    (output / "medvlsm.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    spec.update(name=model.spec.name, trained=True, parameters_m=model.spec.parameters_m, resize=config.resize,
+                description=f"Finetuned with medvlsm on {n_train} samples from {base_name}")
+    with atomic_open(output / "medvlsm.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(spec, indent=2))
     card = [
-        f"# {output.name}", "",
-        f"Finetuned from `{model.spec.name}` ({model.spec.arch}) with `medvlsm finetune`.", "",
+        f"# {model.spec.name}", "",
+        f"Finetuned from `{base_name}` ({model.spec.arch}, {model.spec.parameters_m:g} M parameters) with "
+        f"`medvlsm finetune`; slices fitted to the input by {config.resize} (used by `segment` and Slicer).", "",
         "| | |", "|---|---|",
         f"| training / validation samples | {n_train} / {n_val} |",
         f"| prompt types | {', '.join(config.prompt_types)} |",
@@ -361,4 +375,5 @@ def write_model_card(output: Path, model, config: TrainConfig, summary: dict, n_
         "`training_log.csv`. Use: `medvlsm segment IMAGE --model THIS_FOLDER --prompt ...`.",
         "", "```json", json.dumps(asdict(config), indent=2), "```",
     ]
-    (output / "README.md").write_text("\n".join(card) + "\n", encoding="utf-8")
+    with atomic_open(output / "README.md", "w", encoding="utf-8") as f:
+        f.write("\n".join(card) + "\n")

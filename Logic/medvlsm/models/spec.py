@@ -27,6 +27,7 @@ class ModelSpec:
     weights_files: list = field(default_factory=list)
     obtain: str = ""  # how to get weights that need converting (shown when the name cannot be loaded)
     trained: bool = True  # False for random weights (tests, `medvlsm init`): masks are meaningless
+    resize: str = ""  # how training fitted slices to the input ("stretch" / "letterbox"); "" = not recorded
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
