@@ -213,3 +213,81 @@ def test_dicom_seg_from_a_series_without_uids_is_refused_before_the_model(tmp_pa
     code, _, err = run(["segment", series, "-p", "liver", "--model", tmp_path / "absent", "-o", tmp_path / "s.dcm"],
                        capsys)
     assert code == 2 and "StudyInstanceUID" in err
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real file system of a given size (tmpfs): full disks and read-only folders without simulation."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size="64k", read_only=False):
+        folder = tmp_path / f"fs{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()[:100]}): needs root in a "
+                        "machine that allows mounts")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_leaves_the_earlier_result_and_says_so(tmp_path, ct_file, tiny_model_dir, capsys,
+                                                          small_filesystem):
+    big = tmp_path / "big.nii.gz"
+    sitk.WriteImage(io.volume_to_sitk(Volume(blobs((8, 64, 64)))), str(big))  # a 32 KB uncompressed labelmap
+    disk = small_filesystem("64k")
+    earlier = disk / "result.nii"
+    earlier.write_bytes(os.urandom(40_000))  # an earlier result fills most of the disk
+    before = sha(earlier)
+    code, _, err = run(["segment", big, "-p", "liver", "--model", tiny_model_dir, "-o", earlier,
+                        "--precision", "fp32"], capsys)
+    assert code == 2 and "holds what it held before" in err
+    assert sha(earlier) == before and [p.name for p in disk.iterdir()] == ["result.nii"]
+
+
+@pytest.mark.parametrize("command", ["segment", "init", "evaluate"])
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path, ct_file, tiny_model_dir, capsys, small_filesystem,
+                                                     command):
+    locked = small_filesystem("64k", read_only=True)
+    argv = {"segment": ["segment", ct_file, "-p", "liver", "--model", tmp_path / "absent", "-o", locked / "o.nii.gz"],
+            "init": ["init", "--size", "tiny", "-o", locked / "model"],
+            "evaluate": ["evaluate", "--predictions", tmp_path, "--ground-truth", tmp_path, "-o", locked / "r.csv"]}
+    code, _, err = run(argv[command], capsys)
+    assert code == 2 and ("permission denied" in err or "not writable" in err), err
+
+
+def test_damaged_model_folders_and_odd_devices_are_one_line_user_errors(tmp_path, ct_file, tiny_model_dir, capsys):
+    import shutil
+
+    import torch
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / "medvlsm.json").write_text("{not json", encoding="utf-8")
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", bad, "-o", tmp_path / "o.nii.gz"], capsys)
+    assert code == 2 and "medvlsm.json is not a valid model description" in err
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "-o", tmp_path / "o.nii.gz",
+                        "--device", "meta"], capsys)
+    assert code == 2 and "cannot run the model" in err
+    assert main(["--quiet", "init", "--size", "small", "-o", str(tmp_path / "small")]) == 0
+    shutil.copy(tmp_path / "small" / "model.safetensors", bad / "model.safetensors")
+    (bad / "medvlsm.json").unlink()
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", bad, "-o", tmp_path / "o.nii.gz"], capsys)
+    assert code == 2 and "do not have the sizes its config.json describes" in err and "above report" not in err
+    torch.save({"weights": object()}, tmp_path / "pickled.pth")
+    code, _, err = run(["convert", "--arch", "cris", "--from", tmp_path / "pickled.pth", "-o", tmp_path / "c"], capsys)
+    assert code == 2 and "does not unpickle" in err and "two options" not in err
+
+
+def test_upper_case_extensions_are_written_in_their_format(tmp_path, ct_file, tiny_model_dir, capsys):
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "-o", tmp_path / "OUT.NII.GZ",
+                        "--precision", "fp32"], capsys)
+    assert code == 0, err
+    assert sitk.ReadImage(str(tmp_path / "OUT.NII.GZ")).GetSize() == sitk.ReadImage(str(ct_file)).GetSize()

@@ -464,6 +464,9 @@ def cmd_evaluate(args):
         raise InputError(f"--output {out} must end in .csv", "The summary, plot and overlays are written beside it")
     if not out.resolve().parent.is_dir():
         raise InputError(f"Output folder {out.resolve().parent} does not exist", "Create it first")
+    if not os.access(out.resolve().parent, os.W_OK):
+        raise InputError(f"Cannot write into {out.resolve().parent}: permission denied or read-only",
+                         "Choose a folder you can write to")
     worst = None
     robust = None
     if args.predictions or args.ground_truth:

@@ -50,9 +50,12 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("--device mps was asked for but Apple's Metal backend is not available", "Use --device cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as e:
         raise InputError(f"Unknown device {device!r}", "Use auto, cpu, cuda, cuda:N or mps") from e
+    if resolved.type not in ("cpu", "cuda", "mps"):  # meta, xla ... hold no data or are not supported here
+        raise InputError(f"Device {device!r} cannot run the model", "Use auto, cpu, cuda, cuda:N or mps")
+    return resolved
 
 
 def cpu_has_native_bf16() -> bool:

@@ -319,6 +319,20 @@ def _write_sitk(image, path, note: str = "") -> None:
         _sitk().WriteImage(image, str(tmp), useCompression=ext != ".png")
         if note and ext in (".nii", ".nii.gz"):
             _set_nifti_descrip(tmp, note)
+        _verify_written(tmp)
+
+
+def _verify_written(path: Path) -> None:
+    """ITK's writers do not report a full disk: the file ends early and the call succeeds. Read the
+    file back before it replaces anything (NIfTI through the streamed check, since ITK reads a short
+    NIfTI without complaint)."""
+    try:
+        if extension(path) in (".nii", ".nii.gz"):
+            check_nifti(path)
+        else:
+            _sitk().ReadImage(str(path))
+    except (InputError, RuntimeError) as e:
+        raise OSError(f"the written file is incomplete, the disk may be full: {str(e).splitlines()[0][:120]}") from e
 
 
 def _set_nifti_descrip(path: Path, note: str) -> None:

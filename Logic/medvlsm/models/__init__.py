@@ -71,7 +71,15 @@ def _folder_spec(folder: Path, fallback: ModelSpec | None = None) -> ModelSpec:
         raise ModelError(f"Model folder {folder} holds a {arch or 'unknown'!r} model, not a supported VLSM",
                          f"Supported: {', '.join(ARCHITECTURES)}")
     if (folder / SPEC_FILE).is_file():
-        return ModelSpec.from_dict({"arch": arch, "name": folder.name, **json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))})
+        try:
+            recorded = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
+            if not isinstance(recorded, dict):
+                raise ValueError("not a JSON object")
+            return ModelSpec.from_dict({"arch": arch, "name": folder.name, **recorded})
+        except (ValueError, TypeError) as e:
+            raise ModelError(f"{folder / SPEC_FILE} is not a valid model description ({e})",
+                             "Restore the file from the original model folder, or delete it to use the "
+                             "architecture's defaults") from e
     if fallback is not None:
         return fallback
     spec = dict(_arch_defaults(arch), name=folder.name, arch=arch, source=str(folder))
@@ -99,6 +107,16 @@ def check_folder(folder: Path) -> None:
                              "Copy the real file (git lfs pull, or download it again)")
 
 
+def _loading_problem(error: Exception) -> str:
+    """The informative line of a transformers loading error (its first line may point at a report
+    printed elsewhere: "look at the above report!")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any("mismatch" in line.lower() or "shape" in line.lower() for line in lines):
+        return "its weights do not have the sizes its config.json describes (weights of another model size or version)"
+    first = lines[0] if lines else error.__class__.__name__
+    return first.split(" For details")[0][:200]
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, allow_download: bool = True):
     """A ready model in eval mode on ``device``. Raises ``ModelError`` with the fix on any failure."""
     name_or_path = str(name_or_path or default_model_name())
@@ -120,7 +138,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, al
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types for damaged folders
-        raise ModelError(f"Cannot load the model in {folder}: {str(e).splitlines()[0][:200]}",
+        raise ModelError(f"Cannot load the model in {folder}: {_loading_problem(e)}",
                          "The folder is damaged or from an incompatible version; download or export it again") from e
     return model.to(device) if device is not None else model
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 
+import pickle
+
 import torch
 from torch import nn
 
@@ -198,7 +200,14 @@ def load_state_dict_file(path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message suggests turning the protection off: we do not
+        from ..errors import ModelError
+
+        raise ModelError(f"{path.name} holds Python objects besides tensors, which medvlsm does not unpickle (that "
+                         "could run code from the file)", "Pass the weights as safetensors, or a plain state_dict "
+                         "saved with torch.save(model.state_dict(), ...)") from e
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 

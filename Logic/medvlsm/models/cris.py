@@ -502,6 +502,8 @@ def load_original(path) -> dict:
                          "torch.save(torch.jit.load('RN50.pt').state_dict(), 'RN50_state_dict.pt')")
     try:
         return load_state_dict_file(path)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(f"Cannot read {path} as weights ({str(e).splitlines()[0][:160]})",
                          "Pass a safetensors file or a plain state_dict saved with torch.save") from e
