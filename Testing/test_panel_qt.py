@@ -272,3 +272,15 @@ def test_screenshot_of_the_panel(panel, tmp_path):
     target = os.environ.get("MEDVLSM_SCREENSHOT_DIR")
     if target:
         shutil.copy(path, os.path.join(target, "panel.png"))
+
+
+def test_the_panel_shows_the_settings_of_a_loaded_scene(panel):
+    """A scene loaded or closed brings its own parameter node values (the widget re-reads them)."""
+    Settings(prompts=["spleen", "liver"], plane="coronal", min_voxels=50, modify_others=True).save(panel.param)
+    events = []
+    panel.param.AddObserver(__import__("vtk").vtkCommand.ModifiedEvent, lambda *_: events.append(1))
+    panel.c.reload_settings()
+    assert panel.ui["promptsEdit"].toPlainText() == "spleen\nliver"
+    assert panel.ui["planeCombo"].currentText() == "coronal" and panel.ui["minSizeSpin"].value() == 50
+    assert panel.ui["modifyOthersCheck"].isChecked()
+    assert events == []  # showing the settings does not write them back half-updated

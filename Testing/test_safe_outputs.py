@@ -291,3 +291,22 @@ def test_upper_case_extensions_are_written_in_their_format(tmp_path, ct_file, ti
                         "--precision", "fp32"], capsys)
     assert code == 0, err
     assert sitk.ReadImage(str(tmp_path / "OUT.NII.GZ")).GetSize() == sitk.ReadImage(str(ct_file)).GetSize()
+
+
+@pytest.mark.parametrize("stage", ["before-any-byte", "midway", "complete-before-rename"])
+def test_an_interrupt_at_any_point_of_a_write_leaves_the_earlier_file(tmp_path, monkeypatch, stage):
+    import medvlsm.atomic as atomic
+
+    target = tmp_path / "report.csv"
+    target.write_text("earlier\n", encoding="utf-8")
+    if stage == "complete-before-rename":
+        monkeypatch.setattr(atomic, "_fsync", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(target, "w", encoding="utf-8") as f:
+            if stage == "before-any-byte":
+                raise KeyboardInterrupt
+            f.write("new,half")
+            if stage == "midway":
+                raise KeyboardInterrupt
+            f.write(",complete\n")
+    assert target.read_text(encoding="utf-8") == "earlier\n" and leftovers(tmp_path) == []
