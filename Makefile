@@ -1,22 +1,31 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
-# torch is installed first and pinned, so that a CPU machine never pulls a CUDA build
-# (override TORCH, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
+# `make demo` installs the runtime only (torch, Resources/requirements-standalone.txt, medvlsm); `make test` adds
+# the test environment (slicer-core with VTK, PySide6, pytest) to the same .venv.
+# torch is installed first and pinned. On Linux the package index's torch==2.13.0 is the CUDA build
+# (several GB); on a CPU-only machine ask for the CPU build:
+#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# (machines with a local wheel folder, like this project's, get the CPU build from it as they are).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-$(BIN)/.installed: setup.py Resources/requirements.txt Testing/requirements.txt
+$(BIN)/.runtime: setup.py Resources/requirements.txt Resources/requirements-standalone.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "medvlsm needs Python 3.11 or newer (its pinned numpy, scipy, matplotlib and transformers do); this is " + sys.version.split()[0] + ". Run: make demo PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c Testing/constraints.txt -r Testing/requirements.txt
+	$(BIN)/python -m pip install -q -c Testing/constraints.txt -r Resources/requirements-standalone.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.runtime Testing/requirements.txt
+	$(BIN)/python -m pip install -q -c Testing/constraints.txt -r Testing/requirements.txt
 	touch $@
 
 .PHONY: setup demo test bench
 setup: $(BIN)/.installed
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.runtime
 	$(BIN)/medvlsm demo --allow-untrained
 
 test: $(BIN)/.installed

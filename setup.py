@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.11",  # the pinned numpy, scipy, matplotlib and transformers need 3.11
     package_dir={"medvlsm": "Logic/medvlsm", "medvlsm.resources": "Resources"},
     packages=["medvlsm", "medvlsm.models", "medvlsm.resources"],
     package_data={"medvlsm.resources": ["*.json", "*.txt", "Tokenizers/*/*", "Demo/*", "UI/*.ui", "Icons/*.png"]},

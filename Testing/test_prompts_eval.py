@@ -1,6 +1,7 @@
 """Prompt ladders (string-exact against the paper's annotation files), metrics, evaluation."""
 
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -15,23 +16,29 @@ from medvlsm.metrics import score
 from medvlsm.prompts import (Attributes, busi_ladder, camus_ladder, geometry_attributes, ladder, number_word,
                              parse_ladder)
 
-ANNS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "medvlsm-anns"
+ANNS = Path(__file__).resolve().parent / "data" / "medvlsm-anns"  # the paper's files, shipped (MIT)
 CLINICDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "cvc-clinicdb"
-needs_anns = pytest.mark.skipif(not ANNS.is_dir(), reason=f"reference annotations not found at {ANNS}")
 
 
-@needs_anns
-@pytest.mark.parametrize("path", sorted(ANNS.glob("*.json")) if ANNS.is_dir() else [], ids=lambda p: p.name)
+def reference(name: str) -> list:
+    return json.loads(gzip.decompress((ANNS / f"{name}.json.gz").read_bytes()).decode("utf-8"))
+
+
+def test_all_fourteen_reference_files_are_shipped():
+    entries = sum(len(reference(p.name[: -len(".json.gz")])) for p in ANNS.glob("*.json.gz"))
+    assert len(list(ANNS.glob("*.json.gz"))) == 14 and entries == 5916
+
+
+@pytest.mark.parametrize("path", sorted(ANNS.glob("*.json.gz")), ids=lambda p: p.name)
 def test_every_reference_ladder_is_rebuilt_string_exact(path):
-    entries = json.loads(path.read_text(encoding="utf-8"))
+    entries = reference(path.name[: -len(".json.gz")])
     for entry in entries:
         attributes = parse_ladder(entry["prompts"])
         assert ladder(attributes) == entry["prompts"], entry["img_name"]
 
 
-@needs_anns
 def test_cli_attributes_json_gives_the_reference_structure(tmp_path, capsys):
-    entries = json.loads((ANNS / "kvasir_polyp.test.json").read_text(encoding="utf-8"))[:5]
+    entries = reference("kvasir_polyp.test")[:5]
     attrs = []
     for e in entries:
         a = parse_ladder(e["prompts"])
@@ -84,12 +91,13 @@ def test_geometry_attributes_from_synthetic_masks():
     assert geometry_attributes(np.zeros((5, 5)))["number"] == "no"
 
 
-@pytest.mark.skipif(not (ANNS.is_dir() and CLINICDB.is_dir()), reason="ClinicDB data or annotations not found")
+@pytest.mark.skipif(not CLINICDB.is_dir(), reason=f"CVC-ClinicDB images not found at {CLINICDB} (not "
+                    "redistributable: research use only; CI has them in shared/data)")
 def test_number_and_size_match_the_reference_on_real_clinicdb_masks():
     """Our rules reproduce the reference's number (4-connected components) and size on real masks."""
     from medvlsm.datasets import read_annotations
 
-    items = read_annotations(ANNS / "clinicdb_polyp.test.json", CLINICDB / "images", CLINICDB / "masks")
+    items = read_annotations(ANNS / "clinicdb_polyp.test.json.gz", CLINICDB / "images", CLINICDB / "masks")
     agree_number = agree_size = 0
     for item in items:
         _, mask = item.load()

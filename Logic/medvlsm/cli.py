@@ -235,7 +235,9 @@ def _parse_slices(text):
 
 
 def _progress_bar(quiet: bool, what: str):
-    if quiet:
+    """A progress bar on a terminal only: in a log file its redraws become runs of spaces and
+    carriage returns in front of the next line."""
+    if quiet or not sys.stderr.isatty():
         return None, lambda: None
     from tqdm import tqdm
 
@@ -338,7 +340,6 @@ def cmd_demo(args):
     from .resources import resource
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         model = load_model(args.model)
     except ModelError as e:
@@ -353,6 +354,7 @@ def cmd_demo(args):
     image = resource("Demo", "lung1_ct_crop.nrrd")
     print(f"Demo: {image.name} (pyradiomics lung1 CT, BSD-3), prompts {DEMO_PROMPTS}, model {model.spec.name}")
     outputs = [out / "demo.seg.nrrd", out / "demo_labels.nii.gz"]
+    out.mkdir(parents=True, exist_ok=True)  # only now: a demo that stops earlier leaves no empty folder
     run_segmentation(args, image, DEMO_PROMPTS, outputs, overlay=out / "demo_overlay.png", model=model)
     print(f"Wrote {outputs[0]} (open it in 3D Slicer over {image}), {outputs[1]} and {out / 'demo_overlay.png'}")
 
@@ -595,7 +597,16 @@ class _OneLine(logging.Handler):
     """``warning: ...`` lines on whatever ``sys.stderr`` is at the time (tests swap it)."""
 
     def emit(self, record):
-        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        try:  # while a progress bar is drawn, print above it instead of onto it
+            from tqdm import tqdm
+
+            if getattr(tqdm, "_instances", None):
+                tqdm.write(line, file=sys.stderr)
+                return
+        except ImportError:
+            pass
+        print(line, file=sys.stderr)
 
 
 def _interrupt(signum, frame):

@@ -68,8 +68,13 @@ def read_annotations(path, images, masks) -> list[AnnotatedImage]:
     """The paper's JSON list (``img_name``, ``mask_name``, ``prompts``) with its image/mask folders."""
     path, images, masks = Path(path), Path(images), Path(masks)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        if path.suffix.lower() == ".gz":
+            import gzip
+
+            entries = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
+        else:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, EOFError) as e:
         raise InputError(f"Cannot read annotation file {path} ({e.__class__.__name__})",
                          "Give a JSON list of objects with img_name, mask_name and prompts") from e
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "img_name" in e for e in entries):

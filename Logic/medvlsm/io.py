@@ -432,7 +432,10 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None, 
 
     masks = np.asarray(masks, dtype=bool)
     count, utf8 = len(masks), {}
-    colors = list(colors or [PALETTE[i % len(PALETTE)] for i in range(count)])
+    from .vocabulary import lookup
+
+    structures = [lookup(name) for name in names]  # one vocabulary for every output (Slicer, DICOM SEG, here)
+    colors = list(colors or [s.color if s else PALETTE[i % len(PALETTE)] for i, s in enumerate(structures)])
     overlapping, seen = False, np.zeros(masks.shape[1:], bool)  # 1 byte per voxel, not an int64 sum
     for m in masks if count > 1 else ():
         overlapping = overlapping or bool(np.logical_and(seen, m).any())
@@ -475,7 +478,8 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None, 
             f"Segment{s}_LabelValue": str(1 if overlapping else s + 1),
             f"Segment{s}_Layer": str(s if overlapping else 0),
             f"Segment{s}_Extent": extent,
-            f"Segment{s}_Tags": "Segmentation.Status:inprogress|",
+            f"Segment{s}_Tags": "Segmentation.Status:inprogress|" + (
+                f"TerminologyEntry:{structures[s].slicer_terminology()}|" if structures[s] else ""),
         })
     with atomic_path(path) as tmp:  # gzip level 9 is up to 300x slower on noisy masks
         nrrd.write(str(tmp), data, header, index_order="C", compression_level=1)

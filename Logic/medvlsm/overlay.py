@@ -32,12 +32,16 @@ def save_overlay(volume, masks: np.ndarray, names, path, *, plane: str = "axial"
     image = view.view(volume.array)
     masks_view = np.stack([view.view(m) for m in masks]) if len(masks) else np.zeros((0,) + image.shape[:3], bool)
     intensity = choose_window(volume, window)
-    colors = list(colors or [PALETTE[i % len(PALETTE)] for i in range(len(masks))])
+    from .vocabulary import lookup
+
+    structures = [lookup(name) for name in names]  # the colours of the .seg.nrrd and of Slicer
+    colors = list(colors or [s.color if s else PALETTE[i % len(PALETTE)] for i, s in enumerate(structures)])
     chosen = pick_slices(masks_view, count)
     cols = min(3, len(chosen))
     rows = int(np.ceil(len(chosen) / cols))
     aspect = view.pixel_spacing[0] / view.pixel_spacing[1]
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows + 0.6), squeeze=False)
+    # constrained layout keeps slice titles, the suptitle and the legend clear of the images
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows + 1.0), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, s in zip(axes.ravel(), chosen):
@@ -52,10 +56,12 @@ def save_overlay(volume, masks: np.ndarray, names, path, *, plane: str = "axial"
         ax.set_title(f"{plane} slice {s}", fontsize=9)
     handles = [Patch(color=colors[p], label=str(names[p]) or "(empty prompt)") for p in range(len(names))]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=11, color="darkred" if "UNTRAINED" in title else "black")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, width=12 * cols + 8), fontsize=11,
+                     color="darkred" if "UNTRAINED" in title else "black")
     from .atomic import atomic_path
 
     with atomic_path(path) as tmp:

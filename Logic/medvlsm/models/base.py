@@ -30,9 +30,9 @@ def clean_prompt(prompt: str) -> tuple[str, list[str]]:
     text = " ".join("".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text).split())
     if not text:
         warnings.append("Empty prompt (the paper's p0): the model segments from the image alone, without text guidance.")
-    elif not text.isascii():
-        warnings.append(f"Prompt {text!r} has non-English characters: the CLIP text encoders were trained on English, "
-                        "results may be unreliable; an English prompt is safer.")
+    elif not text.isascii():  # a cheap signal, not language detection: "Leber" passes, "Niere ä" does not
+        warnings.append(f"Prompt {text!r} has characters outside English's alphabet: the text encoders were trained "
+                        "on English, so results may be unreliable; an English prompt is safer.")
     return text, warnings
 
 
