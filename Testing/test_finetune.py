@@ -134,6 +134,7 @@ def test_torchrun_two_cpu_processes_split_the_steps(tmp_path, tiny_model_dir):
     assert (single["world_size"], single["steps"]) == ("1", "4")
     assert (ddp["world_size"], ddp["steps"]) == ("2", "2")  # the same data, half the steps per rank
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+    assert out.stderr.count("info: epoch 1:") == 1 and "Grad strides" not in out.stderr  # rank 0 speaks, once
 
 
 def test_volumes_and_segmentations_become_slices_with_empty_ones(tmp_path, tiny_model):

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -229,6 +230,9 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     trainable = [p for p in model.parameters() if p.requires_grad]
     step_model = model
     if world > 1:
+        # DDP warns on every rank that gradient strides differ from its buckets (a copy per step, no
+        # error); the user cannot act on it, so it is not shown.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -292,10 +296,12 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, tmp)
             write_curves(state["history"], output)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f%s", epoch, row["train_loss"], val_loss,
-                 val_dice, " (best)" if improved else "")
+        if rank == 0:  # one line per epoch, not one per process
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f%s", epoch, row["train_loss"],
+                     val_loss, val_dice, " (best)" if improved else "")
         if epoch - state["best_epoch"] >= config.patience:
-            log.info("Early stop: no better validation Dice for %d epochs", config.patience)
+            if rank == 0:
+                log.info("Early stop: no better validation Dice for %d epochs", config.patience)
             break
     summary = {"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
                "steps_per_epoch": steps_per_epoch, "world_size": world,
