@@ -242,3 +242,23 @@ def test_postprocess_keep_largest_min_size_fill_holes():
     assert PostProcess(min_voxels=5)(m).sum() == m.sum() - 4
     assert PostProcess(fill_holes=True)(m)[2, 3, 3]
     assert PostProcess()(m) is m
+
+
+def test_labelmap_follows_argmax_with_ties_to_the_earlier_prompt_in_little_memory():
+    import tracemalloc
+
+    from medvlsm.postprocess import labelmap
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.integers(0, 5, (3, 6, 20, 20)).astype(np.float32) / 4  # many ties
+    masks = probabilities > 0.3
+    scores = np.where(masks, probabilities, -1.0)
+    expected = np.where(masks.any(0), scores.argmax(0) + 1, 0)
+    np.testing.assert_array_equal(labelmap(masks, probabilities), expected)
+    big = rng.random((3, 16, 256, 256), dtype=np.float32)
+    big_masks = big > 0.5
+    tracemalloc.start()
+    labelmap(big_masks, big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= 8 * big[0].size  # bytes per voxel: a running maximum, not a float copy + int64 argmax

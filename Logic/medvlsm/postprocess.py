@@ -56,12 +56,17 @@ def labelmap(masks: np.ndarray, probabilities: np.ndarray | None = None) -> np.n
     no probabilities are given).
     """
     labels = np.zeros(masks.shape[1:], np.uint16 if len(masks) > 255 else np.uint8)
-    if probabilities is None:
+    if probabilities is None or len(masks) == 1:
         for p, m in enumerate(masks):
             labels[m] = p + 1
         return labels
-    scores = np.where(masks, probabilities, -1.0)
-    best = scores.argmax(0)
-    any_mask = masks.any(0)
-    labels[any_mask] = best[any_mask] + 1
+    # A running maximum instead of np.where + argmax: ~7 bytes per voxel at the peak (the maximum in
+    # the probabilities' dtype, the labels, two boolean temporaries), not 24-28 (a float copy of every
+    # prompt and an int64 index). Strict ">" keeps argmax's rule: on a tie the earlier prompt wins.
+    best = np.full(masks.shape[1:], -1.0, probabilities.dtype)
+    for p, m in enumerate(masks):
+        better = np.greater(probabilities[p], best)
+        better &= m
+        labels[better] = p + 1
+        np.copyto(best, probabilities[p], where=better)
     return labels
