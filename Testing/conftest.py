@@ -40,6 +40,21 @@ def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@pytest.fixture(autouse=True)
+def _return_freed_memory():
+    """After each test, hand freed heap back to the system: full-size models and optimisers leave
+    gigabytes in glibc's arenas that would otherwise stack up under the next test's peak."""
+    yield
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS): nothing to trim
+        pass
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from medvlsm.models.clipseg import CLIPSeg

@@ -1,6 +1,7 @@
 """Finetuning: learning happens and the text matters; resume; torchrun with 2 CPU processes; volumes."""
 
 import csv
+import gc
 import json
 import os
 import subprocess
@@ -93,6 +94,7 @@ def test_full_size_smoke_and_resume(tmp_path):
     from medvlsm.models.clipseg import CLIPSeg
 
     model = CLIPSeg.random("full")
+    model.spec.input_size = 160  # the full architecture; a smaller input keeps the suite's peak memory low
     samples = tiny_samples(model, 4)
     config = training.TrainConfig(epochs=1, batch_size=2, max_steps_per_epoch=2, prompt_types=["random"],
                                   precision="fp32")
@@ -101,8 +103,11 @@ def test_full_size_smoke_and_resume(tmp_path):
     epoch1 = log_rows(tmp_path / "ft")
     print("full-size seconds per step (batch 2, fp32):", epoch1[0]["seconds_per_step"])
     config.epochs = 2
-    resumed = training.finetune(CLIPSeg.random("full", seed=5), samples[:2], samples[2:], tmp_path / "ft", config,
-                                device="cpu", resume=True)
+    del model  # two full-size models and their optimisers need not live at once
+    gc.collect()
+    again = CLIPSeg.random("full", seed=5)
+    again.spec.input_size = 160
+    resumed = training.finetune(again, samples[:2], samples[2:], tmp_path / "ft", config, device="cpu", resume=True)
     rows = log_rows(tmp_path / "ft")
     assert resumed["epochs"] == 2 and [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[0] == epoch1[0]  # the finished epoch is kept as it was
