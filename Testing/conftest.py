@@ -45,14 +45,16 @@ def _return_freed_memory():
     """After each test, hand freed heap back to the system: full-size models and optimisers leave
     gigabytes in glibc's arenas that would otherwise stack up under the next test's peak."""
     yield
-    import ctypes
-    import gc
-
-    gc.collect()
     try:
+        resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: nothing to trim
+        return
+    if resident > 1.5 * 2**30:  # only after the heavy tests: a collection costs time
+        import ctypes
+        import gc
+
+        gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS): nothing to trim
-        pass
 
 
 @pytest.fixture(scope="session")
