@@ -334,13 +334,8 @@ def install_effect_api(slicer):
         def addLabeledOptionsWidget(self, label, widget):
             self.host.form.addRow(label, widget)
 
-        def addOptionsWidget(self, item):
-            from Qt import QtWidgets
-
-            if isinstance(item, QtWidgets.QLayout):
-                self.host.form.addRow(item)
-            else:
-                self.host.form.addRow(item)
+        def addOptionsWidget(self, item):  # a widget or a layout, as the C++ overloads take
+            self.host.form.addRow(item)
 
         def saveStateForUndo(self):
             self.host.logic.SaveStateForUndo()
