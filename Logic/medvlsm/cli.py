@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -65,9 +64,9 @@ def _check_model_output(args) -> None:
         raise InputError(f"--output {out} is a file", "Give a folder name for the model")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise InputError(f"{out} already holds files", "Choose a new folder, or add --overwrite to replace the model")
-    parent = out.resolve().parent
-    if not os.access(parent if not out.exists() else out, os.W_OK):
-        raise InputError(f"Cannot write into {out}: permission denied", "Choose a folder you can write to")
+    from .io import check_writable
+
+    check_writable(out)
 
 
 def _non_negative_int(text: str) -> int:
@@ -464,11 +463,9 @@ def cmd_evaluate(args):
     out = Path(args.output)
     if out.suffix.lower() != ".csv":
         raise InputError(f"--output {out} must end in .csv", "The summary, plot and overlays are written beside it")
-    if not out.resolve().parent.is_dir():
-        raise InputError(f"Output folder {out.resolve().parent} does not exist", "Create it first")
-    if not os.access(out.resolve().parent, os.W_OK):
-        raise InputError(f"Cannot write into {out.resolve().parent}: permission denied or read-only",
-                         "Choose a folder you can write to")
+    from .io import check_writable
+
+    check_writable(out)
     worst = None
     robust = None
     if args.predictions or args.ground_truth:

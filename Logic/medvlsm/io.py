@@ -267,12 +267,18 @@ def check_output_path(path, *, is_2d: bool, kind: str = "output", dicom: bool = 
     if ext == ".dcm" and not dicom:
         raise InputError("A DICOM SEG (.dcm) output needs a DICOM series as input (it references its slices)",
                          "Give the DICOM series folder as input, or write .seg.nrrd / .nii.gz")
-    parent = Path(path).resolve().parent
+    check_writable(path)
+    return ext
+
+
+def check_writable(path) -> None:
+    """Before any work: ``path`` can be created or replaced (its folder exists and takes files)."""
+    path = Path(path)
+    parent = path.resolve().parent
     if not parent.is_dir():
         raise InputError(f"Output folder {parent} does not exist", "Create it first or choose another path")
-    if not os.access(parent, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"Cannot write {path}: permission denied", "Choose a folder you can write to")
-    return ext
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"Cannot write {path}: permission denied or read-only", "Choose a folder you can write to")
 
 
 def check_distinct_outputs(inputs, outputs) -> None:

@@ -373,27 +373,29 @@ def save_node(scene, node, path) -> None:
     """Write a node with a storage node (``slicer.util.saveNode`` needs the application), atomically:
     to a temporary name beside ``path``, renamed when complete. The node's own file association is
     left as it was: an export is not a "Save as"."""
+    from medvlsm.io import written
+
+    written(path, _save_with_storage_node, scene, node, path)
+
+
+def _save_with_storage_node(scene, node, path) -> None:
     from medvlsm.atomic import atomic_path
 
     storage = node.GetStorageNode()
     previous = storage.GetFileName() if storage is not None else None
-    try:
-        with temporary_nodes(scene):  # a storage node the node did not have is removed afterwards
+    with temporary_nodes(scene):  # a storage node the node did not have is removed afterwards
+        if storage is None:
+            node.AddDefaultStorageNode()
+        writer = node.GetStorageNode()
+        try:
+            with atomic_path(path) as tmp:
+                if not _write_with_storage_node(writer, node, tmp):
+                    raise OSError("Slicer's writer failed: disk full, or the folder is not writable")
+        finally:
             if storage is None:
-                node.AddDefaultStorageNode()
-            writer = node.GetStorageNode()
-            try:
-                with atomic_path(path) as tmp:
-                    if not _write_with_storage_node(writer, node, tmp):
-                        raise OSError("Slicer's writer failed (disk full, or the folder is not writable)")
-            finally:
-                if storage is None:
-                    node.SetAndObserveStorageNodeID(None)
-                else:
-                    storage.SetFileName(previous)
-    except OSError as e:
-        raise InputError(f"Could not write {path} ({e}); it holds what it held before",
-                         "Check that the folder exists, is writable and has free space") from e
+                node.SetAndObserveStorageNodeID(None)
+            else:
+                storage.SetFileName(previous)
 
 
 def _write_with_storage_node(writer, node, path) -> bool:
