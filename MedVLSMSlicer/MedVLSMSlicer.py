@@ -248,13 +248,14 @@ class MedVLSMSlicerLogic(ScriptedLoadableModuleLogic):
         import shutil
         import subprocess
 
+        from medvlsm.cli import finetune_command
         from MedVLSMSlicerLib import mrml_glue as glue
 
         data = os.path.join(output, "data")
         for volume_node, segmentation_node in pairs:
             glue.export_training_pair(slicer.mrmlScene, volume_node, segmentation_node, data)
         python = shutil.which("PythonSlicer") or sys.executable
-        argv = glue.finetune_command(python, data, output, model=model, epochs=epochs, plane=plane)
+        argv = finetune_command(python, data, output, model=model, epochs=epochs, plane=plane)
         logfile = open(os.path.join(output, "finetune.log"), "w", encoding="utf-8")
         return subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT)
 

@@ -1,8 +1,11 @@
 """Every architecture through every entry point: init, save/load, segment a 2D image and a volume,
-evaluate, finetune a few steps (random weights; no hub)."""
+evaluate, finetune a few steps (random weights; no hub); the table of architectures itself, and a
+toy architecture added as the README says."""
 
+import ast
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,21 +15,95 @@ from synthetic import two_object_images, write_split
 
 from medvlsm import io
 from medvlsm.cli import main
+from medvlsm.models import ARCHITECTURES
 from medvlsm.volume import Volume
 
 pytestmark = pytest.mark.models
 
-ARCHES = ["clipseg", "cris", "biomedclipseg"]
-INPUT_SIZE = {"clipseg": 352, "cris": 416, "biomedclipseg": 224}
+LOGIC = Path(__file__).resolve().parents[1] / "Logic" / "medvlsm"
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+def test_the_table_holds_the_papers_settings():
+    """The facts of arXiv 2308.07706 (and CRIS's own code for its threshold), in the one table."""
+    paper = {"clipseg": (352, 0.5, 2e-3), "cris": (416, 0.35, 2e-5), "biomedclipseg": (224, 0.5, 2e-3)}
+    assert {name: (a.defaults["input_size"], a.defaults["threshold"], a.paper_lr)
+            for name, a in ARCHITECTURES.items()} == paper
+    assert ARCHITECTURES["biomedclipseg"].defaults["text_tokens"] == 256  # PubMedBERT's context
+
+
+def test_config_and_model_classes_are_registered_with_the_auto_classes(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    for name, arch in ARCHITECTURES.items():
+        vlsm = arch.model_class()
+        assert isinstance(AutoConfig.for_model(name), vlsm.hf_class.config_class)
+    folder = tmp_path / "cris"
+    ARCHITECTURES["cris"].random("tiny").save_pretrained(folder)
+    assert type(AutoModel.from_pretrained(folder)).__name__ == "CRISModel"
+
+
+def test_no_function_in_logic_takes_more_than_six_parameters():
+    """Beyond six, options are grouped: in the request (``request.plan``'s keyword-only options are its
+    fields), a config or a small options object."""
+    crowded = []
+    for path in LOGIC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                named = [x.arg for x in a.posonlyargs + a.args if x.arg not in ("self", "cls")]
+                if not (path.name == "request.py" and node.name == "plan"):
+                    named += [x.arg for x in a.kwonlyargs]
+                if len(named) > 6:
+                    crowded.append(f"{path.relative_to(LOGIC)}:{node.lineno} {node.name}({', '.join(named)})")
+    assert not crowded, crowded
+
+
+@pytest.fixture
+def toy_architecture():
+    import toy_vlsm
+
+    yield toy_vlsm.add()
+    del ARCHITECTURES["toyseg"]
+
+
+def test_a_new_architecture_is_one_module_and_one_table_entry(toy_architecture, tmp_path, capsys):
+    """Registered as the README says, the toy architecture works through init, load, segment and
+    finetune with no other change: every choice and default comes from the table."""
+    from medvlsm.models import load_model
+
+    folder = tmp_path / "toy"
+    assert main(["init", "--arch", "toyseg", "--size", "tiny", "--output", str(folder)]) == 0
+    assert json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"] == "toyseg"
+    model = load_model(folder)
+    assert type(model).__name__ == "ToySeg" and model.spec.input_size == 64 and model.spec.threshold == 0.5
+    assert main(["init", "--arch", "toyseg", "--input-size", "66", "--output", str(tmp_path / "odd")]) == 2
+    assert "divisible by 4" in capsys.readouterr().err
+
+    v = Volume(blobs((4, 40, 44)), (0.8, 0.8, 3.0))
+    sitk.WriteImage(io.volume_to_sitk(v), str(tmp_path / "ct.nii.gz"))
+    assert main(["--quiet", "segment", str(tmp_path / "ct.nii.gz"), "-p", "liver", "-p", "spleen", "--model",
+                 str(folder), "-o", str(tmp_path / "ct.seg.nrrd")]) == 0
+    seg = io.read_seg_nrrd(tmp_path / "ct.seg.nrrd")
+    assert seg.grid.same_grid(v) and seg.names == ["liver", "spleen"]
+
+    data = tmp_path / "data"
+    write_split(tmp_path, "set", two_object_images(data, 4))
+    assert main(["--quiet", "finetune", "--train", str(tmp_path / "set.json"), "--val", str(tmp_path / "set.json"),
+                 "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(folder),
+                 "--output", str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "2", "--precision", "fp32"]) == 0
+    card = (tmp_path / "ft" / "README.md").read_text(encoding="utf-8")
+    assert '"lr": 0.001' in card  # the table's paper_lr of the new architecture
+    assert type(load_model(tmp_path / "ft")).__name__ == "ToySeg"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 @pytest.mark.parametrize("size", ["small", "full"])
 def test_architecture_end_to_end(tmp_path, capsys, arch, size):
     folder = tmp_path / "model"
     assert main(["init", "--arch", arch, "--size", size, "--output", str(folder)]) == 0
     spec = json.loads((folder / "medvlsm.json").read_text(encoding="utf-8"))
-    assert spec["arch"] == arch and spec["input_size"] == INPUT_SIZE[arch]
+    assert spec["arch"] == arch and spec["input_size"] == ARCHITECTURES[arch].defaults["input_size"]
 
     data = tmp_path / "data"
     entries = two_object_images(data, 3)

@@ -121,7 +121,7 @@ def test_init_segment_and_finetune_the_decoder_only(tmp_path, capsys):
     mask[10:20, 10:30] = True
     samples = [training.prepare(Volume(v.array[:1]), mask, {"p1": "liver"}, model.spec) for _ in range(4)]
     training.finetune(model, samples, samples, tmp_path / "ft", training.TrainConfig(
-        epochs=1, batch_size=2, freeze="encoders", precision="fp32"), device="cpu")
+        epochs=1, batch_size=2, freeze="encoders", precision="fp32", device="cpu"))
     changed = {k for k, p in model.hf.named_parameters() if not torch.equal(p.detach().cpu(), before[k])}
     assert changed and all(k.startswith("decoder.") for k in changed)
 

@@ -285,8 +285,9 @@ def test_finetuning_with_frozen_encoders_keeps_their_batchnorm_statistics(tmp_pa
     g = torch.Generator().manual_seed(0)
     samples = [training.Sample(pixels=torch.randn(3, 416, 416, generator=g).half(),
                                mask=torch.rand(416, 416, generator=g) > 0.7, prompts={"p1": "polyp"}) for _ in range(3)]
-    config = training.TrainConfig(epochs=1, batch_size=2, lr=1e-3, freeze="encoders", precision="fp32", patience=5)
-    training.finetune(model, samples, samples[:2], tmp_path / "ft", config, device="cpu")
+    config = training.TrainConfig(epochs=1, batch_size=2, lr=1e-3, freeze="encoders", precision="fp32", patience=5,
+                                  device="cpu")
+    training.finetune(model, samples, samples[:2], tmp_path / "ft", config)
     after = model.hf.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert not any(k.startswith("backbone.") for k in changed)  # weights and running statistics untouched

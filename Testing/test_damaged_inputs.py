@@ -12,7 +12,7 @@ from test_io import write_dicom_series
 
 from medvlsm import io
 from medvlsm.errors import InputError
-from medvlsm.preprocess import choose_window
+from medvlsm.window import choose_window
 from medvlsm.volume import Volume
 
 

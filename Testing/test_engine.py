@@ -10,8 +10,10 @@ from conftest import blobs
 from medvlsm.engine import Engine, SegmentationResult
 from medvlsm.errors import Cancelled, InputError
 from medvlsm.postprocess import PostProcess, labelmap
-from medvlsm.preprocess import Letterbox, choose_window, to_model_input
+from medvlsm.preprocess import Letterbox, to_model_input
+from medvlsm.request import plan
 from medvlsm.volume import Volume
+from medvlsm.window import choose_window
 
 # "The same" in fp32: the same sums in another association order (batch shapes, padding) differ by
 # ~1e-6 relative on logits; probabilities are compared to 2e-5 absolute.
@@ -146,8 +148,8 @@ def test_rethreshold_and_labelmap_without_running_the_model():
     probs = np.zeros((2, 1, 2, 3), np.float32)
     probs[0, 0, 0] = [0.2, 0.6, 0.9]
     probs[1, 0, 0] = [0.7, 0.8, 0.4]
-    r = SegmentationResult(Volume(np.zeros((1, 2, 3))), ["a", "b"], probs, 0.5, "axial", (0, 1), "m", True,
-                           "cpu", "float32", 0.0, "w")
+    grid = Volume(np.zeros((1, 2, 3)))
+    r = SegmentationResult(grid, plan(grid, ["a", "b"]), probs, 0.5, "m", True, "cpu", "float32", 0.0)
     assert r.masks().sum() == 4 and r.masks(0.85).sum() == 1
     np.testing.assert_array_equal(r.labelmap()[0, 0], [2, 2, 1])  # overlap: higher probability wins
     np.testing.assert_array_equal(labelmap(r.masks())[0, 0], [2, 2, 1])

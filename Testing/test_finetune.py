@@ -84,8 +84,9 @@ def tiny_samples(model, count=8, size=48):
         image = Volume(rng.integers(0, 255, (1, size, size, 3)).astype(np.uint8))
         mask = np.zeros((size, size), bool)
         mask[10:20, 10 + n : 20 + n] = True
-        out.append(training.prepare(image, mask, {"p1": "square", "p7": ["square which is a test"]}, model.spec,
-                                    name=str(n)))
+        sample = training.prepare(image, mask, {"p1": "square", "p7": ["square which is a test"]}, model.spec)
+        sample.name = str(n)
+        out.append(sample)
     return out
 
 
@@ -99,17 +100,17 @@ def test_full_size_smoke_and_resume(tmp_path):
     # text tower frozen: the image tower and decoder still train at full size, with ~1 GB less of
     # AdamW state, which keeps the suite's peak memory under 4 GB
     config = training.TrainConfig(epochs=1, batch_size=2, max_steps_per_epoch=2, prompt_types=["random"],
-                                  precision="fp32", freeze="text")
-    first = training.finetune(model, samples[:2], samples[2:], tmp_path / "ft", config, device="cpu")
+                                  precision="fp32", freeze="text", device="cpu")
+    first = training.finetune(model, samples[:2], samples[2:], tmp_path / "ft", config)
     assert first["epochs"] == 1 and first["steps_per_epoch"] == 1
     epoch1 = log_rows(tmp_path / "ft")
     print("full-size seconds per step (batch 2, fp32):", epoch1[0]["seconds_per_step"])
-    config.epochs = 2
+    config.epochs, config.resume = 2, True
     del model  # two full-size models and their optimisers need not live at once
     gc.collect()
     again = CLIPSeg.random("full", seed=5)
     again.spec.input_size = 160
-    resumed = training.finetune(again, samples[:2], samples[2:], tmp_path / "ft", config, device="cpu", resume=True)
+    resumed = training.finetune(again, samples[:2], samples[2:], tmp_path / "ft", config)
     rows = log_rows(tmp_path / "ft")
     assert resumed["epochs"] == 2 and [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[0] == epoch1[0]  # the finished epoch is kept as it was

@@ -80,9 +80,9 @@ def test_robustness_uses_the_same_preprocessing_as_the_table(tmp_path, monkeypat
 
     real = Engine.segment
 
-    def spy(self, volume, prompts, **kwargs):
-        seen.append(kwargs.get("resize"))
-        return real(self, volume, prompts, **kwargs)
+    def spy(self, volume, request, **kwargs):
+        seen.append(request.resize)  # evaluation plans each run's request once; the engine runs it
+        return real(self, volume, request, **kwargs)
 
     monkeypatch.setattr(Engine, "segment", spy)
     assert main(["--quiet", "evaluate", "--model", str(tiny_model_dir), "--data", str(tmp_path / "anns.json"),

@@ -66,7 +66,7 @@ def test_ladder_examples_of_the_paper():
 
 
 def test_dataset_styles():
-    c = camus_ladder("Left ventricular cavity", "two-chamber", "diastole", "male", 73, "good", "oval")
+    c = camus_ladder("Left ventricular cavity", "two-chamber", "diastole", (73, "male"), "good", "oval")
     assert c["p5"][0] == "Left ventricular cavity in two-chamber view of the heart at end of the diastole cycle of a " \
                          "seventy-three-year-old male."
     b = busi_ladder("benign", True, 1, "medium", "center", "oval")

@@ -60,7 +60,7 @@ def case_naive(volume_path: str, slices: int) -> dict:
     from transformers import CLIPSegProcessor, ViTImageProcessor
 
     from medvlsm import io
-    from medvlsm.preprocess import choose_window
+    from medvlsm.window import choose_window
 
     model = _model()
     hf = model.hf.eval()

@@ -23,13 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import machine  # noqa: E402
 
 from medvlsm.engine import Engine  # noqa: E402
-from medvlsm.models.biomedclipseg import BiomedCLIPSeg  # noqa: E402
-from medvlsm.models.clipseg import CLIPSeg  # noqa: E402
-from medvlsm.models.cris import CRIS  # noqa: E402
+from medvlsm.models import ARCHITECTURES  # noqa: E402
 from medvlsm.volume import Volume  # noqa: E402
-
-ARCHITECTURES = {"CLIPSeg": lambda: CLIPSeg.random("full"), "CRIS": lambda: CRIS.random("full"),
-                 "BiomedCLIPSeg(-D)": lambda: BiomedCLIPSeg.random("full")}
 
 
 def gflops(fn) -> float:
@@ -40,13 +35,13 @@ def gflops(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(name, build, slices: int) -> dict:
-    model = build()
+def measure(arch, slices: int) -> dict:
+    model = arch.random("full")
     size = model.spec.input_size
     pixels = torch.randn(1, 3, size, size)
     image = gflops(lambda: model.decode(model.encode_images(pixels), model.encode_text(["liver"]).detach()))
     text = gflops(lambda: model.encode_text(["liver"]))
-    row = {"model": name, "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6, "input": size,
+    row = {"model": arch.title, "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6, "input": size,
            "gflop_per_slice": image - text, "gflop_per_prompt": text}
     rng = np.random.default_rng(0)
     volume = Volume((rng.normal(0, 300, (slices, 256, 256))).astype(np.int16), (0.7, 0.7, 2.0))
@@ -64,7 +59,7 @@ def main(argv=None):
     p.add_argument("--slices", type=int, default=16)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    rows = [measure(name, build, args.slices) for name, build in ARCHITECTURES.items()]
+    rows = [measure(arch, args.slices) for arch in ARCHITECTURES.values()]
     print(f"Machine: {machine()}\n")
     print("| model | parameters | input | GFLOP / slice | GFLOP / prompt | s / slice fp32 | s / slice bf16 |")
     print("|---|---|---|---|---|---|---|")

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from .errors import Cancelled, InputError, MedVLSMError, ModelError
+from .models.architectures import ARCHITECTURES, converters
+from .volume import PLANES
 
 log = logging.getLogger("medvlsm")
 
@@ -93,7 +95,7 @@ def _join_negative_values(argv: list) -> list:
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name (see `medvlsm models`) or a model folder; "
                    "default: the registry's default (clipseg-rd64-refined)")
-    p.add_argument("--axis", "--plane", dest="axis", choices=["axial", "coronal", "sagittal"], default=None,
+    p.add_argument("--axis", "--plane", dest="axis", choices=PLANES, default=None,
                    help="anatomical plane to slice along (default: axial; the acquisition plane for 2D images)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--masks", help="mask folder of --train/--val")
     ft.add_argument("--volumes", help="folder of volumes (NIfTI/NRRD ...) instead of --train")
     ft.add_argument("--segmentations", help="folder of .seg.nrrd / labelmaps named like the volumes")
-    ft.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"], help="slicing plane (volumes)")
+    ft.add_argument("--plane", default="axial", choices=PLANES, help="slicing plane (volumes)")
     ft.add_argument("--empty-fraction", type=float, default=0.1,
                     help="slices without the structure kept, as a fraction of those with it (volumes; default 0.1)")
     ft.add_argument("--val-fraction", type=float, default=0.2, help="volumes held out for validation (default 0.2)")
@@ -188,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--label-names", nargs="+", default=None, metavar="VALUE=NAME",
                     help="names (= prompts) of labelmap values, e.g. 1=liver 2=spleen (default: a Slicer colour "
                     "table NAME.ctbl/.txt beside each labelmap)")
-    ft.add_argument("--lr", type=_positive_float, default=None,
-                    help="learning rate (default: the paper's, 2e-5 for CRIS, 2e-3 for the CLIPSeg family)")
+    ft.add_argument("--lr", type=_positive_float, default=0.0, help="learning rate (default: the paper's for the "
+                    "architecture: " + ", ".join(f"{a.title} {a.paper_lr:g}" for a in ARCHITECTURES.values()) + ")")
     ft.add_argument("--freeze", default="none", choices=["none", "encoders", "text"])
     ft.add_argument("--device", default="auto")
     ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -202,22 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="original weights (CRIS / OpenAI RN50, open_clip BiomedCLIP, CIDAS CLIPSeg) "
                                         "-> a model folder")
-    cv.add_argument("--arch", required=True, choices=["cris", "biomedclipseg", "biomedclipseg-d", "clipseg"])
+    cv.add_argument("--arch", required=True, choices=list(converters()))
     cv.add_argument("--from", dest="sources", nargs="+", required=True,
-                    help="cris: a CRIS checkpoint (cris_best.pth) and/or OpenAI CLIP RN50 weights; biomedclipseg: "
-                         "open_clip_pytorch_model.bin and vocab.txt (BiomedCLIP hub repo), for -d also model.safetensors "
-                         "of CIDAS/clipseg-rd64-refined; clipseg: a CIDAS/clipseg-* snapshot folder or its files")
+                    help="; ".join(f"{name}: {arch.converters[name][1]}" for name, arch in converters().items()))
     cv.add_argument("--output", "-o", required=True, help="the model folder to write (must be new or empty)")
     cv.add_argument("--overwrite", action="store_true", help="replace the files of an existing model folder")
 
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
-    init.add_argument("--arch", default="clipseg", choices=["clipseg", "cris", "biomedclipseg"])
-    init.add_argument("--size", default="full", choices=["full", "small", "tiny"])
+    init.add_argument("--arch", default="clipseg", choices=list(ARCHITECTURES))
+    init.add_argument("--size", default="full", choices=list(dict.fromkeys(s for a in ARCHITECTURES.values()
+                                                                           for s in a.sizes)))
     init.add_argument("--output", "-o", required=True, help="the model folder to write (must be new or empty)")
     init.add_argument("--overwrite", action="store_true", help="replace the files of an existing model folder")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--input-size", type=_positive_int, default=None,
-                      help="square input side the model is fed (default: the architecture's, 352 / 416 / 224)")
+                      help="square input side the model is fed (default: the architecture's, " +
+                      " / ".join(str(a.defaults["input_size"]) for a in ARCHITECTURES.values()) + ")")
     return parser
 
 
@@ -250,29 +252,21 @@ def _progress_bar(quiet: bool, what: str):
     return update, bar.close
 
 
-def run_segmentation(args, input_path, prompts, outputs, probabilities=None, overlay=None, model=None):
-    """Shared by ``segment`` and ``demo``: read, check every output path, run, write, summarise."""
+def run_segmentation(args, input_path, prompts, outputs, model=None):
+    """Shared by ``segment`` and ``demo``: read, plan the request and check every output path (before
+    the slow model load), run, write (``outputs.Outputs``), summarise."""
     import numpy as np
 
     from . import io
-    from .engine import Engine, plan, resolve_device
-    from .postprocess import PostProcess, labelmap
-    from .preprocess import choose_window
+    from .engine import Engine, resolve_device
+    from .postprocess import PostProcess
+    from .request import plan
 
     volume = io.read_image(input_path)
-    is_2d = volume.shape[0] == 1
-    io.check_distinct_outputs([input_path, *volume.dicom_files], [*outputs, probabilities, overlay])
-    extensions = [io.check_output_path(o, is_2d=is_2d, dicom=bool(volume.dicom_files)) for o in outputs]
-    if ".dcm" in extensions:
-        io.check_dicom_seg_source(volume.dicom_files)
-    if probabilities:
-        io.check_output_path(probabilities, is_2d=is_2d, kind="probabilities")
-    if overlay and io.extension(overlay) != ".png":
-        raise InputError(f"--overlay {overlay} must be a .png file", "Give a path ending in .png")
-    # Every option is checked before the (slow) model load.
-    slices = _parse_slices(args.slices)
-    plan(volume, args.axis, slices)
-    choose_window(volume, args.window)
+    outputs.check(input_path, volume)
+    post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)
+    request = plan(volume, prompts, plane=args.axis, slices=_parse_slices(args.slices), window=args.window,
+                   resize=args.resize, threshold=args.threshold, post=post)
     device = resolve_device(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"Batch size {args.batch_size} must be at least 1", "Use --batch-size 1 or more")
@@ -283,40 +277,24 @@ def run_segmentation(args, input_path, prompts, outputs, probabilities=None, ove
     engine = Engine(model, device=device, precision=args.precision, batch_size=args.batch_size)
     update, close = _progress_bar(args.quiet, "segmenting")
     try:
-        result = engine.segment(volume, prompts, plane=args.axis, window=args.window, resize=args.resize,
-                                slices=slices, progress=update)
+        result = engine.segment(volume, request, progress=update)
     finally:
         close()
-    post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)
-    masks = result.masks(args.threshold, post)
-    note = "" if result.trained else f"UNTRAINED WEIGHTS ({result.model_name}): pipeline check, not a segmentation"
-    for output, ext in zip(outputs, extensions):
-        if ext == ".seg.nrrd":
-            io.written(output, io.write_seg_nrrd, volume, masks, result.prompts, output, None, note)
-        elif ext == ".dcm":
-            io.written(output, io.write_dicom_seg, volume, masks, result.prompts, output, result.model_name, note)
-        else:
-            io.written(output, io.write_labelmap, volume, labelmap(masks, result.probabilities), output, note)
-    if probabilities:
-        io.written(probabilities, io.write_probabilities, volume, result.probabilities, probabilities, note)
-    if overlay:
-        from .overlay import save_overlay
-
-        title = f"{result.model_name}: {', '.join(repr(p) for p in result.prompts)}"
-        if not result.trained:
-            title = "UNTRAINED WEIGHTS (pipeline check, not a segmentation) - " + title
-        save_overlay(volume, masks, result.prompts, overlay, plane=result.plane, window=args.window, title=title)
+    masks = result.masks()
+    outputs.write(volume, result, masks)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels ({m.sum() * voxel_ml:.1f} mL)"
                        for p, m in zip(result.prompts, masks))
     n = result.slice_range[1] - result.slice_range[0]
     print(f"{counts} | {n} {result.plane} slices in {result.seconds:.1f} s on {result.device} ({result.dtype}) "
-          f"| window {result.window} -> {', '.join(str(o) for o in outputs)}")
+          f"| window {result.window} -> {', '.join(str(o) for o in outputs.files)}")
     return result
 
 
 def cmd_segment(args):
-    run_segmentation(args, args.input, args.prompt, [args.output], args.probabilities, args.overlay)
+    from .outputs import Outputs
+
+    run_segmentation(args, args.input, args.prompt, Outputs((args.output,), args.probabilities, args.overlay))
 
 
 def cmd_models(args):
@@ -352,10 +330,12 @@ def cmd_demo(args):
         model = CLIPSeg.random("full")
     image = resource("Demo", "lung1_ct_crop.nrrd")
     print(f"Demo: {image.name} (pyradiomics lung1 CT, BSD-3), prompts {DEMO_PROMPTS}, model {model.spec.name}")
-    outputs = [out / "demo.seg.nrrd", out / "demo_labels.nii.gz"]
+    from .outputs import Outputs
+
+    outputs = Outputs((out / "demo.seg.nrrd", out / "demo_labels.nii.gz"), overlay=out / "demo_overlay.png")
     out.mkdir(parents=True, exist_ok=True)  # only now: a demo that stops earlier leaves no empty folder
-    run_segmentation(args, image, DEMO_PROMPTS, outputs, overlay=out / "demo_overlay.png", model=model)
-    print(f"Wrote {outputs[0]} (open it in 3D Slicer over {image}), {outputs[1]} and {out / 'demo_overlay.png'}")
+    run_segmentation(args, image, DEMO_PROMPTS, outputs, model=model)
+    print(f"Wrote {outputs.files[0]} (open it in 3D Slicer over {image}), {outputs.files[1]} and {outputs.overlay}")
 
 
 def cmd_download(args):
@@ -373,38 +353,20 @@ def cmd_convert(args):
     for f in files:
         if not f.exists():
             raise InputError(f"{f} not found", "Give the original files' paths after --from")
-    if args.arch == "cris":
-        from .models.cris import convert
-
-        model = convert(files, args.output, name=Path(args.output).name)
-    elif args.arch == "clipseg":
-        from .models.clipseg import convert
-
-        model = convert(files, args.output, name=Path(args.output).name)
-    else:
-        from .models.biomedclipseg import convert
-
-        vocab = [f for f in files if f.suffix == ".txt"]
-        weights = [f for f in files if f.suffix != ".txt"]
-        wanted = 2 if args.arch == "biomedclipseg-d" else 1
-        if len(vocab) != 1 or len(weights) != wanted:
-            raise InputError(f"{args.arch} needs {wanted} weights file(s) and one vocab.txt, got {len(weights)} and "
-                             f"{len(vocab)}", "Pass open_clip_pytorch_model.bin, vocab.txt" +
-                             (" and the CLIPSeg model.safetensors" if wanted == 2 else ""))
-        model = convert(weights[0], vocab[0], args.output, weights[1] if wanted == 2 else None, name=args.arch)
+    model = converters()[args.arch].convert(args.arch, files, args.output, Path(args.output).name)
     state = "ready to use" if model.spec.trained else "decoder untrained: finetune it before use"
     print(f"Wrote {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {state}) "
           f"to {args.output}")
 
 
 def cmd_init(args):
-    from .models import _model_class
-
-    if args.arch == "cris" and args.input_size is not None and args.input_size % 32:
-        raise InputError(f"CRIS needs an input side divisible by 32 (its FPN merges 1/8, 1/16 and 1/32 scales), "
-                         f"not {args.input_size}", "Use e.g. 416 (the paper's), 384 or 448")
+    arch = ARCHITECTURES[args.arch]
+    if args.size not in arch.sizes:
+        raise InputError(f"{arch.title} has no size {args.size!r}", f"Use one of: {', '.join(arch.sizes)}")
+    if args.input_size is not None:
+        arch.check_input_size(args.input_size)
     _check_model_output(args)
-    model = _model_class(args.arch).random(args.size, name=Path(args.output).name, seed=args.seed)
+    model = arch.random(args.size, name=Path(args.output).name, seed=args.seed)
     if args.input_size is not None:
         model.spec.input_size = args.input_size
     model.save_pretrained(args.output)
@@ -485,36 +447,21 @@ def cmd_evaluate(args):
                         batch_size=args.batch_size, cache_bytes=256 << 20)
         update, close = _progress_bar(args.quiet, "evaluating")
         worst = evaluation.WorstCases(3)
+        # one preprocessing for the table and the robustness figures: asked, else as trained, else the paper's
+        options = {"threshold": args.threshold, "resize": args.resize or engine.model.spec.resize or "stretch"}
         try:
-            # one preprocessing for the table and the robustness figures: asked, else as trained, else the paper's
-            resize = args.resize or engine.model.spec.resize or "stretch"
-            rows = evaluation.evaluate_model(engine, items, args.prompt_type, threshold=args.threshold, resize=resize,
-                                             nsd_tolerance_mm=args.nsd_tolerance, progress=update, keep=worst)
+            rows = evaluation.evaluate_model(engine, items, args.prompt_type, nsd_tolerance_mm=args.nsd_tolerance,
+                                             progress=update, keep=worst, **options)
             if args.robustness:  # the "correct" prompt: the first real (non-empty) type asked for
                 correct = next((t for t in args.prompt_type if t != "p0"), "p1")
-                robust = evaluation.robustness(engine, items, correct, args.threshold, resize)
+                robust = evaluation.robustness(engine, items, correct, **options)
         finally:
             close()
     else:
         raise InputError("Nothing to evaluate", "Give --predictions and --ground-truth, or --model with --data")
-    evaluation.write_csv(rows, out)
-    table = evaluation.summary_table(rows)
-    report = [f"# Evaluation: {out.name}", "", table]
+    report = evaluation.write_report(rows, out, robust, worst)
     missing = evaluation.missing_cases(rows)
-    if missing:
-        report += ["", f"## Cases without a prediction ({len(missing)}, scored as empty predictions)", "",
-                   ", ".join(missing)]
-    if robust:
-        report += ["", "## Prompt robustness", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
-                                                     for k, v in robust.items()]
-    from .atomic import atomic_open
-
-    with atomic_open(out.with_suffix(".md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(report) + "\n")
-    evaluation.box_plot(rows, out.with_name(out.stem + "_boxplot.png"))
-    if worst is not None:
-        worst.save(out.parent, out.stem)
-    print(table)
+    print(report[2])
     if missing:
         print(f"{len(missing)} case(s) without a prediction, scored as empty: {', '.join(missing[:10])}")
     if robust:
@@ -535,15 +482,9 @@ def cmd_finetune(args):
         from .datasets import read_volume_folder
 
         pairs = read_volume_folder(args.volumes, args.segmentations, _label_names(args.label_names))
-        n_val = max(1, int(round(args.val_fraction * len(pairs)))) if len(pairs) > 1 else 0
         resize = args.resize or "letterbox"
-        make = lambda ps: training.samples_from_volumes(ps, spec, args.plane, args.empty_fraction, args.seed, resize)
-        if n_val:
-            train, val = make(pairs[n_val:]), make(pairs[:n_val])
-        else:  # one volume: hold out every fifth sample
-            everything = make(pairs)
-            train = [s for i, s in enumerate(everything) if i % 5]
-            val = everything[::5]
+        train, val = training.train_val_split(pairs, args.val_fraction, lambda ps: training.samples_from_volumes(
+            ps, spec, args.plane, args.empty_fraction, args.seed, resize))
     elif args.train:
         if not (args.images and args.masks):
             raise InputError("--train needs --images and --masks", "Give the image and mask folders")
@@ -556,11 +497,11 @@ def cmd_finetune(args):
         val = training.samples_from_annotations(read_annotations(args.val, args.images, args.masks), spec, resize)
     else:
         raise InputError("No training data", "Give --train/--val with --images/--masks, or --volumes with --segmentations")
-    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                  lr=args.lr or training.PAPER_LR.get(spec.arch, training.TrainConfig.lr),
+    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   prompt_types=args.prompt_type, freeze=args.freeze, seed=args.seed,
                                   patience=args.patience, precision=args.precision,
-                                  max_steps_per_epoch=args.max_steps_per_epoch, resize=resize)
+                                  max_steps_per_epoch=args.max_steps_per_epoch, resize=resize, device=args.device,
+                                  resume=args.resume)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     bar = None
     if not args.quiet and training.dist_info()[0] == 0:
@@ -575,7 +516,7 @@ def cmd_finetune(args):
         bar.update(1)
 
     try:
-        summary = training.finetune(model, train, val, args.output, config, device=args.device, resume=args.resume,
+        summary = training.finetune(model, train, val, args.output, config,
                                     progress=progress if bar is not None else None)
     finally:
         if bar is not None:
@@ -584,6 +525,16 @@ def cmd_finetune(args):
         print(f"Best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
               f"({summary['epochs']} epochs, {summary['steps_per_epoch']} steps/epoch x {summary['world_size']} "
               f"process(es), {summary['seconds']:.0f} s) -> {args.output}")
+
+
+def finetune_command(python: str, folder, output, model: str = "", epochs: int = 30, plane: str = "axial") -> list:
+    """The out-of-process training command on a folder of ``volumes/`` and ``segmentations/`` (Slicer
+    runs it with ``PythonSlicer``)."""
+    folder = Path(folder)
+    argv = [python, "-m", "medvlsm.cli", "finetune", "--volumes", str(folder / "volumes"), "--segmentations",
+            str(folder / "segmentations"), "--output", str(output), "--epochs", str(epochs), "--plane", plane,
+            "--prompt-type", "p1", "p4", "p5"]
+    return argv + (["--model", model] if model else [])
 
 
 COMMANDS = {"finetune": cmd_finetune, "segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,

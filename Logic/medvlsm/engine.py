@@ -1,13 +1,14 @@
 """The inference engine: one volume, several prompts, exact geometry, bounded memory.
 
-Used unchanged by the CLI, the Slicer module, evaluation and training's validation:
+Runs a ``request.Request`` (planned once by ``request.plan``) for the CLI, the Slicer module, the
+Segment Editor effect and evaluation:
 
 - slices of one anatomical plane (``SliceView``: no resampling) stream through the model in
   batches; only one batch of activations exists at a time;
 - each prompt's text is encoded once; all prompts share one image-encoder pass per batch;
 - optional image-feature cache (``cache_bytes``): a new prompt on a volume seen before runs the
-  decoder only. Keys: caller's key (Slicer: node ID + modified time) or the volume's content hash,
-  plus plane, slice range, intensity window and letterbox;
+  decoder only. Keys: the request's volume identity (Slicer: node ID + modified time) or the
+  volume's content hash, plus plane, slice range, intensity window and letterbox;
 - ``progress(done, total)`` after each batch; ``cancel()`` returning True stops before the next
   batch and raises ``Cancelled`` — nothing partial is returned.
 """
@@ -26,9 +27,10 @@ import torch
 
 from . import postprocess
 from .errors import Cancelled, InputError
-from .models.base import VLSM, clean_prompt
-from .preprocess import Letterbox, choose_window, to_model_input
-from .volume import SliceView, Volume, default_plane
+from .models.base import VLSM
+from .preprocess import Letterbox, to_model_input
+from .request import Request, plan
+from .volume import SliceView, Volume
 
 log = logging.getLogger("medvlsm")
 
@@ -84,28 +86,47 @@ def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
 
 @dataclass
 class SegmentationResult:
-    """Probabilities ``[P, K, J, I]`` on the input volume's grid, and how they were made."""
+    """Probabilities ``[P, K, J, I]`` on the input volume's grid, and how they were made.
+
+    ``threshold`` is the request's, else the model's; ``window`` says which intensity window was
+    used (``request.window`` is the window itself).
+    """
 
     grid: Volume
-    prompts: list
+    request: Request
     probabilities: np.ndarray
     threshold: float
-    plane: str
-    slice_range: tuple
     model_name: str
     trained: bool
     device: str
     dtype: str
     seconds: float
-    window: str
     warnings: list = field(default_factory=list)
     from_cache: bool = False
 
+    @property
+    def prompts(self) -> list:
+        return list(self.request.prompts)
+
+    @property
+    def plane(self) -> str:
+        return self.request.plane
+
+    @property
+    def slice_range(self) -> tuple:
+        return self.request.slices
+
+    @property
+    def window(self) -> str:
+        return self.request.window.describe
+
     def masks(self, threshold: float | None = None, post: postprocess.PostProcess | None = None) -> np.ndarray:
-        """Binary masks ``[P, K, J, I]``; re-thresholding is instant (no model run)."""
+        """Binary masks ``[P, K, J, I]`` at ``threshold`` with ``post`` (default: the request's);
+        re-thresholding is instant (no model run)."""
         t = self.threshold if threshold is None else threshold
         masks = postprocess.threshold(self.probabilities, t)
-        if post is not None and post.active:
+        post = self.request.post if post is None else post
+        if post.active:
             masks = np.stack([post(m) for m in masks])
         return masks
 
@@ -113,23 +134,9 @@ class SegmentationResult:
         return postprocess.labelmap(self.masks(threshold, post), self.probabilities)
 
 
-def plan(volume: Volume, plane: str | None = None, slices: tuple | None = None) -> tuple[SliceView, int, int]:
-    """Validate a request before any model work: the volume, the plane, the slice range."""
-    volume.validate()
-    view = SliceView(volume, plane or default_plane(volume))
-    start, stop = slices if slices is not None else (0, view.num_slices)
-    if not (0 <= start < stop <= view.num_slices):
-        raise InputError(f"Slice range {start}:{stop} is outside the {view.num_slices} {view.plane} slices",
-                         f"Choose START:STOP within 0:{view.num_slices}")
-    return view, start, stop
-
-
 @dataclass
 class _FeaturePlan:
     view: SliceView
-    start: int
-    stop: int
-    intensity: object
     box: Letterbox
     key: tuple | None
     cached: list | None
@@ -186,36 +193,44 @@ class Engine:
             self._cache.popitem(last=False)
 
     # -- the run -------------------------------------------------------------------------
-    def _plan_features(self, volume, plane, window, resize, slices, cache_key) -> "_FeaturePlan":
+    def request(self, volume: Volume, request, **options) -> Request:
+        """``request`` itself, checked against ``volume``; or prompts planned with ``options``
+        (``request.plan``'s keywords), so ``segment(volume, ["liver"], plane="coronal")`` works."""
+        if isinstance(request, Request):
+            request.check(volume)
+            return request
+        return plan(volume, request, **options)
+
+    def _plan_features(self, volume, request: Request) -> _FeaturePlan:
         """Where the image features of a request come from: the slices, their preprocessing, the cache."""
-        view, start, stop = plan(volume, plane, slices)
-        intensity = choose_window(volume, window)
-        resize = resize or self.model.spec.resize or "letterbox"  # as the model was trained, if recorded
+        view = SliceView(volume, request.plane)
+        resize = request.resize or self.model.spec.resize or "letterbox"  # as the model was trained, if recorded
         box = Letterbox.fit(view.rows, view.cols, view.pixel_spacing, self.model.spec.input_size, resize)
         key = None
         if self.cache_bytes > 0:
-            identity = cache_key if cache_key is not None else volume.fingerprint()
-            key = (identity, view.plane, start, stop, intensity, box, id(self.model), self.dtype)
+            identity = request.volume or volume.fingerprint()
+            key = (identity, view.plane, *request.slices, request.window, box, id(self.model), self.dtype)
         cached = self._cache_lookup(key) if key is not None else None
-        return _FeaturePlan(view, start, stop, intensity, box, key, cached)
+        return _FeaturePlan(view, box, key, cached)
 
-    def _features(self, volume, fp: "_FeaturePlan", cancel=None):
+    def _features(self, volume, request: Request, fp: _FeaturePlan, cancel=None):
         """Yields ``(first, stop, features)`` per batch, cached or encoded; caches fresh ones at the end.
         Runs in the caller's inference-mode / autocast context."""
         spec = self.model.spec
         source = fp.view.view(volume.array)
         fresh = [] if (fp.key is not None and fp.cached is None) else None
-        for batch_index, s in enumerate(range(fp.start, fp.stop, self.batch_size)):
+        start, stop = request.slices
+        for batch_index, s in enumerate(range(start, stop, self.batch_size)):
             if cancel is not None and cancel():
                 raise Cancelled()
-            e = min(s + self.batch_size, fp.stop)
+            e = min(s + self.batch_size, stop)
             if fp.cached is not None:
                 features = tuple(f.to(self.device) for f in fp.cached[batch_index])
             else:
                 raw = np.ascontiguousarray(source[s:e])
                 if raw.dtype not in _TORCH_NATIVE:
                     raw = raw.astype(np.float32)
-                pixels = to_model_input(torch.from_numpy(raw).to(self.device), fp.intensity, fp.box, spec.mean,
+                pixels = to_model_input(torch.from_numpy(raw).to(self.device), request.window, fp.box, spec.mean,
                                         spec.std)
                 features = self.model.encode_images(pixels)
                 if fresh is not None:
@@ -225,66 +240,59 @@ class Engine:
         if fresh is not None:
             self._cache_store(fp.key, fresh)
 
-    def prefetch(self, volume: Volume, *, plane: str | None = None, window: str = "auto", resize: str | None = None,
-                 slices: tuple | None = None, cache_key=None) -> None:
-        """Encode and cache the image features of ``slices`` before any prompt is known (the slice the
-        radiologist is looking at, while they type): the next ``segment`` of it runs the decoder only.
-        Needs a cache (``cache_bytes`` > 0)."""
+    def prefetch(self, volume: Volume, request=(), **options) -> None:
+        """Encode and cache the image features of a request's slices before any prompt is known (the
+        slice the radiologist is looking at, while they type): the next ``segment`` of them runs the
+        decoder only. Needs a cache (``cache_bytes`` > 0). ``request``/``options``: as ``segment``."""
+        request = self.request(volume, request, **options)
         with self._lock:
-            fp = self._plan_features(volume, plane, window, resize, slices, cache_key)
+            fp = self._plan_features(volume, request)
             if fp.key is None or fp.cached is not None:
                 return
             with torch.inference_mode(), self._autocast():
-                for _ in self._features(volume, fp):
+                for _ in self._features(volume, request, fp):
                     pass
 
-    def segment(self, volume: Volume, prompts: list[str], *, plane: str | None = None, window: str = "auto",
-                resize: str | None = None, slices: tuple | None = None,
-                progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                cache_key=None) -> SegmentationResult:
-        """Segment ``volume`` once per prompt.
+    def segment(self, volume: Volume, request, *, progress: Callable[[int, int], None] | None = None,
+                cancel: Callable[[], bool] | None = None, **options) -> SegmentationResult:
+        """Segment ``volume`` once per prompt of ``request``.
 
         Args:
             volume: the image; never modified.
-            prompts: one segment per prompt (an empty prompt is the paper's p0, with a warning).
-            plane: axial / coronal / sagittal; default axial (or the plane of a single-slice image).
-            window: intensity mapping (see ``preprocess.choose_window``).
-            resize: ``letterbox`` (keep physical aspect) or ``stretch`` (the paper); default: what the
-                model folder records it was trained with, else ``letterbox``.
-            slices: ``(start, stop)`` slice indices in display order of ``plane``; default all.
-            cache_key: hashable identity of the volume for the feature cache (default: content hash).
+            request: a ``Request`` planned for ``volume`` (``request.plan``), or the prompts, planned
+                here with ``options``: ``plane``, ``slices``, ``window``, ``resize``, ``threshold``,
+                ``post``, ``cache_key`` (see ``request.plan``).
+            progress: ``progress(done, total)`` after each batch.
+            cancel: returning True stops before the next batch with ``Cancelled``.
 
         Returns:
-            ``SegmentationResult`` with probabilities ``[P, K, J, I]`` (zero outside ``slices``).
+            ``SegmentationResult`` with probabilities ``[P, K, J, I]`` (zero outside the slices).
         """
-        with self._lock:
-            return self._segment(volume, prompts, plane, window, resize, slices, progress, cancel, cache_key)
-
-    def _segment(self, volume, prompts, plane, window, resize, slices, progress, cancel, cache_key):
-        start_time = time.perf_counter()
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
+        request = self.request(volume, request, **options)
+        if not request.prompts:
             raise InputError("No prompt given", "Give at least one --prompt (\"\" is the paper's empty prompt p0)")
-        warnings, cleaned = [], []
-        for p in prompts:
-            text, w = clean_prompt(p)
-            cleaned.append(text)
-            warnings += w
-        fp = self._plan_features(volume, plane, window, resize, slices, cache_key)
+        with self._lock:
+            return self._segment(volume, request, progress, cancel)
+
+    def _segment(self, volume, request: Request, progress, cancel) -> SegmentationResult:
+        start_time = time.perf_counter()
         spec = self.model.spec
-        text = self.encode_text(cleaned)
-        probabilities = np.zeros((len(cleaned),) + volume.shape, np.float32)
-        targets = [fp.view.view(probabilities[p]) for p in range(len(cleaned))]
+        prompts = list(request.prompts)
+        warnings = list(request.warnings) + self.model.truncation_warnings(prompts)
+        fp = self._plan_features(volume, request)
+        text = self.encode_text(prompts)
+        probabilities = np.zeros((len(prompts),) + volume.shape, np.float32)
+        targets = [fp.view.view(probabilities[p]) for p in range(len(prompts))]
+        start, stop = request.slices
         with torch.inference_mode(), self._autocast():
-            for s, e, features in self._features(volume, fp, cancel):
+            for s, e, features in self._features(volume, request, fp, cancel):
                 logits = self.model.decode(features, text)
                 probs = torch.sigmoid(fp.box.restore(logits)).cpu().numpy()
                 del features, logits  # free this batch's activations before the next one is encoded
-                for p in range(len(cleaned)):
+                for p in range(len(prompts)):
                     targets[p][s:e] = probs[:, p]
                 if progress is not None:
-                    progress(e - fp.start, fp.stop - fp.start)
+                    progress(e - start, stop - start)
         if not spec.trained:
             warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
         for w in warnings:
@@ -292,9 +300,8 @@ class Engine:
                 self._warned.add(w)
                 log.warning(w)
         return SegmentationResult(
-            grid=volume,
-            prompts=cleaned, probabilities=probabilities, threshold=spec.threshold, plane=fp.view.plane,
-            slice_range=(fp.start, fp.stop), model_name=spec.name, trained=spec.trained, device=str(self.device),
-            dtype=str(self.dtype).replace("torch.", ""), seconds=time.perf_counter() - start_time,
-            window=fp.intensity.describe, warnings=warnings, from_cache=fp.cached is not None,
+            grid=volume, request=request, probabilities=probabilities,
+            threshold=spec.threshold if request.threshold is None else request.threshold, model_name=spec.name,
+            trained=spec.trained, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+            seconds=time.perf_counter() - start_time, warnings=warnings, from_cache=fp.cached is not None,
         )

@@ -18,6 +18,7 @@ from .datasets import AnnotatedImage, binary_mask
 from .errors import InputError
 from .metrics import mean_std, score
 from .prompts import strings
+from .request import plan
 
 log = logging.getLogger("medvlsm")
 
@@ -128,16 +129,25 @@ def _model_resolution(prob: np.ndarray, truth: np.ndarray, size: int, threshold:
     return p[0, 0].numpy() > threshold, t[0, 0].numpy() > 0.5
 
 
-def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, threshold=None, resize="stretch",
-                   nsd_tolerance_mm: float = 2.0, progress=None, keep=None) -> list[dict]:
+def _run(engine, item: AnnotatedImage, image, prompt: str, options: dict):
+    """One prompt on one image -> (probabilities ``[J, I]``, threshold): one request, planned once."""
+    request = plan(image, [prompt], cache_key=str(item.image), **options)
+    result = engine.segment(image, request)
+    return result.probabilities[0, 0], result.threshold
+
+
+def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, nsd_tolerance_mm: float = 2.0,
+                   progress=None, keep=None, **options) -> list[dict]:
     """Run ``engine`` on every image with each prompt type's (first) string and score it.
 
-    Scores at the original image size (``dice`` ...) and at the model's input size
-    (``dice_model_res``, as the paper reports both). ``keep(item, prompt_type, prob, truth)`` is
-    called per case, e.g. to remember the worst ones for overlays.
+    ``options``: the requests' ``threshold`` and ``resize`` (see ``request.plan``; the paper's
+    protocol stretches). Scores at the original image size (``dice`` ...) and at the model's input
+    size (``dice_model_res``, as the paper reports both). ``keep(item, prompt_type, prediction,
+    truth, image, row)`` is called per case, e.g. to remember the worst ones for overlays.
     """
     rows = []
     size = engine.model.spec.input_size
+    options = {"resize": "stretch", **options}
     for n, item in enumerate(items):
         image, truth = item.load()
         for ptype in prompt_types:
@@ -145,9 +155,7 @@ def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, thresho
                 raise InputError(f"{item.name} has no prompt of type {ptype}",
                                  f"Use one of {', '.join(sorted(item.prompts))}")
             prompt = strings(item.prompts, ptype)[0]
-            result = engine.segment(image, [prompt], resize=resize, cache_key=str(item.image))
-            t = result.threshold if threshold is None else threshold
-            prob = result.probabilities[0, 0]
+            prob, t = _run(engine, item, image, prompt, options)
             row = {"case": item.name, "prompt_type": ptype, "prompt": prompt,
                    **score(prob > t, truth, _spacing(image), nsd_tolerance_mm)}
             pm, tm = _model_resolution(prob, truth, size, t)
@@ -161,18 +169,19 @@ def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, thresho
     return rows
 
 
-def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", threshold=None,
-               resize: str = "stretch") -> dict:
+def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", **options) -> dict:
     """Does the model use the text? Dice with the correct prompt minus Dice with the empty prompt and
-    with an unrelated one, and the false-positive rate on images where the target is absent."""
+    with an unrelated one, and the false-positive rate on images where the target is absent.
+    ``options``: as ``evaluate_model``'s."""
     correct, empty, unrelated, fp = [], [], [], []
+    options = {"resize": "stretch", **options}
     for item in items:
         image, truth = item.load()
         probs = {}
         for key, prompt in (("correct", strings(item.prompts, prompt_type)[0]), ("empty", ""),
                             ("unrelated", UNRELATED_PROMPT)):
-            r = engine.segment(image, [prompt], resize=resize, cache_key=str(item.image))
-            probs[key] = r.probabilities[0, 0] > (r.threshold if threshold is None else threshold)
+            prob, t = _run(engine, item, image, prompt, options)
+            probs[key] = prob > t
         d = {k: score(v, truth)["dice"] for k, v in probs.items()}
         correct.append(d["correct"])
         empty.append(d["empty"])
@@ -191,6 +200,28 @@ def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", thr
 
 
 # ---- reports --------------------------------------------------------------------------------
+
+def write_report(rows: list[dict], out: Path, robust: dict | None = None, worst: "WorstCases | None" = None) -> list:
+    """``out`` (.csv) and beside it ``.md`` (summary, cases without a prediction, prompt robustness),
+    the box plot and the worst cases' overlays. Returns the Markdown report's lines."""
+    write_csv(rows, out)
+    report = [f"# Evaluation: {out.name}", "", summary_table(rows)]
+    missing = missing_cases(rows)
+    if missing:
+        report += ["", f"## Cases without a prediction ({len(missing)}, scored as empty predictions)", "",
+                   ", ".join(missing)]
+    if robust:
+        report += ["", "## Prompt robustness", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
+                                                     for k, v in robust.items()]
+    from .atomic import atomic_open
+
+    with atomic_open(out.with_suffix(".md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(report) + "\n")
+    box_plot(rows, out.with_name(out.stem + "_boxplot.png"))
+    if worst is not None:
+        worst.save(out.parent, out.stem)
+    return report
+
 
 def write_csv(rows: list[dict], path) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -262,12 +293,12 @@ class WorstCases:
         del self.cases[self.count :]
 
     def save(self, folder: Path, stem: str) -> list[Path]:
-        from .overlay import save_overlay
+        from .overlay import OverlayStyle, save_overlay
 
         paths = []
         for rank, (dice, name, ptype, pred, truth, image) in enumerate(self.cases, start=1):
             path = folder / f"{stem}_worst{rank}_{name}_{ptype}.png"
             save_overlay(image, np.stack([pred[None], truth[None]]), ["prediction", "ground truth"], path,
-                         count=1, title=f"{name} {ptype}: Dice {dice:.3f}")
+                         OverlayStyle(count=1, title=f"{name} {ptype}: Dice {dice:.3f}"))
             paths.append(path)
         return paths

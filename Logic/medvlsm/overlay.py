@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .io import PALETTE
-from .preprocess import choose_window
+from .window import choose_window
 from .volume import SliceView
 
 
@@ -18,9 +20,20 @@ def pick_slices(masks_view: np.ndarray, count: int) -> list[int]:
     return sorted(set(int(pool[i]) for i in idx))
 
 
-def save_overlay(volume, masks: np.ndarray, names, path, *, plane: str = "axial", window: str = "auto",
-                 count: int = 6, title: str = "", colors=None) -> None:
-    """Draw ``masks [P, K, J, I]`` over ``volume`` in display orientation of ``plane``."""
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How a montage looks: ``count`` slices of ``plane``, the intensity ``window`` (a name or the
+    request's ``IntensityWindow``), a ``title``; mask ``colors`` default to the vocabulary's."""
+
+    plane: str = "axial"
+    window: object = "auto"
+    count: int = 6
+    title: str = ""
+    colors: tuple | None = None
+
+
+def save_overlay(volume, masks: np.ndarray, names, path, style: OverlayStyle = OverlayStyle()) -> None:
+    """Draw ``masks [P, K, J, I]`` over ``volume`` in display orientation of ``style.plane``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,15 +41,16 @@ def save_overlay(volume, masks: np.ndarray, names, path, *, plane: str = "axial"
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
+    plane, title = style.plane, style.title
     view = SliceView(volume, plane)
     image = view.view(volume.array)
     masks_view = np.stack([view.view(m) for m in masks]) if len(masks) else np.zeros((0,) + image.shape[:3], bool)
-    intensity = choose_window(volume, window)
+    intensity = choose_window(volume, style.window)
     from .vocabulary import lookup
 
     structures = [lookup(name) for name in names]  # the colours of the .seg.nrrd and of Slicer
-    colors = list(colors or [s.color if s else PALETTE[i % len(PALETTE)] for i, s in enumerate(structures)])
-    chosen = pick_slices(masks_view, count)
+    colors = list(style.colors or [s.color if s else PALETTE[i % len(PALETTE)] for i, s in enumerate(structures)])
+    chosen = pick_slices(masks_view, style.count)
     cols = min(3, len(chosen))
     rows = int(np.ceil(len(chosen) / cols))
     aspect = view.pixel_spacing[0] / view.pixel_spacing[1]

@@ -18,6 +18,7 @@ Several objects: ``size`` lists the distinct sizes in ladder order ("small, medi
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,14 +156,28 @@ def parse_ladder(prompts: dict) -> Attributes:
     return Attributes(cls, shape, color, size, number, location, descriptions)
 
 
+def clean_prompt(prompt: str) -> tuple[str, list[str]]:
+    """Normalise whitespace/unicode; return the prompt and warnings to show the user."""
+    warnings = []
+    text = unicodedata.normalize("NFC", str(prompt))
+    text = " ".join("".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text).split())
+    if not text:
+        warnings.append("Empty prompt (the paper's p0): the model segments from the image alone, without text guidance.")
+    elif not text.isascii():  # a cheap signal, not language detection: "Leber" passes, "Niere ä" does not
+        warnings.append(f"Prompt {text!r} has characters outside English's alphabet: the text encoders were trained "
+                        "on English, so results may be unreliable; an English prompt is safer.")
+    return text, warnings
+
+
 # ---- dataset-specific styles of the paper ------------------------------------------------------
 
-def camus_ladder(structure: str, view: str, cycle: str, sex: str, age: int, quality: str, shape: str) -> dict:
+def camus_ladder(structure: str, view: str, cycle: str, patient: tuple, quality: str, shape: str) -> dict:
     """CAMUS echocardiography (p0..p7), two phrasings per type as in the paper's annotations.
 
     structure e.g. "Left ventricular cavity"; view "two-chamber"/"four-chamber"; cycle
-    "diastole"/"systole"; sex "male"/"female"; quality "good"/"medium"/"poor".
+    "diastole"/"systole"; patient ``(age, sex)``, sex "male"/"female"; quality "good"/"medium"/"poor".
     """
+    age, sex = patient
     out = {"p0": ""}
     for base in ("of the heart", "in the cardiac ultrasound"):
         viewed = f"{structure} in {view} view {base}"

@@ -25,19 +25,20 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .atomic import atomic_open, atomic_path
 from .errors import InputError
-from .preprocess import Letterbox, choose_window, to_model_input
+from .preprocess import Letterbox, to_model_input
+from .window import choose_window
 from .prompts import PROMPT_TYPES, Attributes, geometry_attributes, ladder, strings
 
 log = logging.getLogger("medvlsm")
 
 CHECKPOINT = "checkpoint/last.pt"
-PAPER_LR = {"clipseg": 2e-3, "biomedclipseg": 2e-3, "cris": 2e-5}
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Sample:
 class TrainConfig:
     epochs: int = 50
     batch_size: int = 16
-    lr: float = 2e-3  # the paper's for CLIPSeg / BiomedCLIPSeg (PAPER_LR: per architecture)
+    lr: float = 0.0  # 0: the paper's for the model's architecture (architectures.py)
     weight_decay: float = 1e-3
     grad_clip: float = 0.5
     prompt_types: list = field(default_factory=lambda: ["p1"])
@@ -65,11 +66,13 @@ class TrainConfig:
     precision: str = "auto"
     max_steps_per_epoch: int = 0  # 0: all
     resize: str = "stretch"  # how the samples were fitted to the input: recorded in the model folder
+    device: str = "auto"
+    resume: bool = False  # continue from OUTPUT/checkpoint/last.pt
 
 
-def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "stretch", name: str = "",
-            window: str = "auto") -> Sample:
-    """A 2D image (one-slice ``Volume``) and its mask ``[H, W]`` -> model-sized tensors."""
+def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "stretch", window="auto") -> Sample:
+    """A 2D image (one-slice ``Volume``) and its mask ``[H, W]`` -> model-sized tensors (a ``Sample``
+    without a name). ``window``: a name or an ``IntensityWindow`` chosen for the whole volume."""
     from .volume import SliceView
 
     view = SliceView(image_volume, "axial")
@@ -78,14 +81,14 @@ def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "
     pixels = to_model_input(raw, choose_window(image_volume, window), box, spec.mean, spec.std)[0]
     m = torch.from_numpy(np.ascontiguousarray(view.view(mask[None].astype(np.float32))))[:, None]
     target = box.apply(m)[0, 0] > 0.5
-    return Sample(pixels.to(torch.float16), target, prompts, name)
+    return Sample(pixels.to(torch.float16), target, prompts)
 
 
 def samples_from_annotations(items, spec, resize: str = "stretch") -> list[Sample]:
     out = []
     for item in items:
         image, mask = item.load()
-        out.append(prepare(image, mask, item.prompts, spec, resize, item.name))
+        out.append(dataclasses.replace(prepare(image, mask, item.prompts, spec, resize), name=item.name))
     return out
 
 
@@ -116,13 +119,22 @@ def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: floa
                 prompts = ladder(Attributes(name, size=g["size"], number=g["number"], location=g["location"]))
                 slice_volume = Volume(np.ascontiguousarray(image[s][None]),
                                       (view.pixel_spacing[1], view.pixel_spacing[0], 1.0))
-                sample = prepare(slice_volume, np.asarray(mview[s]), prompts, spec, resize,
-                                 f"{pair.name}:{name}:{s}", window=f"{(window.low + window.high) / 2},"
-                                 f"{window.high - window.low}")
-                out.append(sample)
+                sample = prepare(slice_volume, np.asarray(mview[s]), prompts, spec, resize, window)
+                out.append(dataclasses.replace(sample, name=f"{pair.name}:{name}:{s}"))
     if not out:
         raise InputError("The segmentations hold no labelled voxels", "Check that the segments are not empty")
     return out
+
+
+def train_val_split(pairs: list, val_fraction: float, samples) -> tuple[list, list]:
+    """Volumes -> (training, validation) samples (``samples(pairs)`` slices them): whole volumes are
+    held out (``val_fraction`` of them, at least one), so no slice of a validation patient is trained
+    on; a single volume holds out every fifth sample instead."""
+    if len(pairs) < 2:
+        everything = samples(pairs)
+        return [s for i, s in enumerate(everything) if i % 5], everything[::5]
+    n_val = max(1, int(round(val_fraction * len(pairs))))
+    return samples(pairs[n_val:]), samples(pairs[:n_val])
 
 
 def pick_prompt(sample: Sample, prompt_types, rng: random.Random) -> str:
@@ -174,14 +186,14 @@ def _stack(chunk, device):
             torch.stack([s.mask for s in chunk]).float().to(device))
 
 
-def _batches(samples, indices, batch_size, prompt_types, rng, tokenizer_fn, device):
+def _batches(samples, indices, config: TrainConfig, rng, tokenizer_fn, device):
     """Training batches; a last batch of one joins the one before (BatchNorm, as in CRIS, needs two)."""
-    starts = list(range(0, len(indices), batch_size))
+    starts = list(range(0, len(indices), config.batch_size))
     if len(starts) > 1 and len(indices) - starts[-1] == 1:
         starts.pop()
     for start, end in zip(starts, starts[1:] + [len(indices)]):
         chunk = [samples[i] for i in indices[start:end]]
-        prompts = [pick_prompt(s, prompt_types, rng) for s in chunk]
+        prompts = [pick_prompt(s, config.prompt_types, rng) for s in chunk]
         tokens = tokenizer_fn(prompts)
         pixels, masks = _stack(chunk, device)
         yield pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), masks
@@ -196,8 +208,7 @@ def _dice(logits, masks, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
-def finetune(model, train: list[Sample], val: list[Sample], output, config: TrainConfig, device="auto",
-             resume: bool = False, progress=None) -> dict:
+def finetune(model, train: list[Sample], val: list[Sample], output, config: TrainConfig, progress=None) -> dict:
     """Train ``model`` in place; write the best model folder, card, curves and a resumable checkpoint.
 
     Returns a summary: best validation Dice and its epoch, epochs run, steps per epoch, seconds.
@@ -205,9 +216,11 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     from monai.losses import DiceCELoss
 
     from .engine import resolve_device, resolve_dtype
+    from .models.architectures import architecture
 
     output = Path(output)
-    device = resolve_device(device)
+    device = resolve_device(config.device)
+    config = dataclasses.replace(config, lr=config.lr or architecture(model.spec.arch).paper_lr)
     base_name = model.spec.name
     # The saved folder is this new model from its first save on: its own name, size and preprocessing,
     # so an interrupted run leaves a usable, truthfully described best model.
@@ -240,7 +253,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     loss_fn = DiceCELoss(sigmoid=True, lambda_dice=1.0, lambda_ce=0.2)
     state = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / CHECKPOINT
-    if resume:
+    if config.resume:
         if not checkpoint.is_file():
             raise InputError(f"No checkpoint to resume in {output}", "Run without --resume first")
         saved = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -264,8 +277,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         for module in frozen:
             module.eval()
         train_loss, steps, epoch_start = 0.0, 0, time.perf_counter()
-        for pixels, ids, mask_ids, masks in _batches(train, order, config.batch_size, config.prompt_types, rng,
-                                                     tokenize, device):
+        for pixels, ids, mask_ids, masks in _batches(train, order, config, rng, tokenize, device):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = step_model(pixels, ids, mask_ids)
             loss = loss_fn(logits.float()[:, None], masks[:, None])
@@ -279,7 +291,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                 progress(epoch, steps, steps_per_epoch)
             if steps >= steps_per_epoch:
                 break
-        val_loss, val_dice = evaluate_samples(model, val, config, loss_fn, device, dtype, rank, world)
+        val_loss, val_dice = evaluate_samples(model, val, config, loss_fn, _Run(device, dtype, rank, world))
         scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": train_loss / max(steps, 1), "val_loss": val_loss, "val_dice": val_dice,
                "lr": optimizer.param_groups[0]["lr"], "steps": steps, "world_size": world,
@@ -304,16 +316,26 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                 log.info("Early stop: no better validation Dice for %d epochs", config.patience)
             break
     summary = {"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-               "steps_per_epoch": steps_per_epoch, "world_size": world,
-               "seconds": time.perf_counter() - started}
+               "steps_per_epoch": steps_per_epoch, "world_size": world, "seconds": time.perf_counter() - started,
+               "train_samples": len(train), "val_samples": len(val), "base_model": base_name}
     if rank == 0:
-        write_model_card(output, model, config, summary, len(train), len(val), base_name)
+        write_model_card(output, model, config, summary)
     return summary
 
 
+class _Run(NamedTuple):
+    """Where training runs: the device, the autocast dtype, this process's rank and the process count."""
+
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+
+
 @torch.no_grad()
-def evaluate_samples(model, samples, config, loss_fn, device, dtype, rank=0, world=1) -> tuple[float, float]:
+def evaluate_samples(model, samples, config, loss_fn, run: _Run) -> tuple[float, float]:
     """Validation loss and mean Dice over every prompt type asked for (deterministic: first string)."""
+    device, dtype, rank, world = run
     model.eval()
     types = PROMPT_TYPES[1:] if config.prompt_types == ["random"] else config.prompt_types
     loss_sum = dice_sum = count = 0.0
@@ -358,8 +380,8 @@ def write_curves(history: list[dict], output: Path) -> None:
     plt.close(fig)
 
 
-def write_model_card(output: Path, model, config: TrainConfig, summary: dict, n_train: int, n_val: int,
-                     base_name: str = "") -> None:
+def write_model_card(output: Path, model, config: TrainConfig, summary: dict) -> None:
+    n_train, n_val, base_name = summary["train_samples"], summary["val_samples"], summary["base_model"]
     spec = json.loads((output / "medvlsm.json").read_text(encoding="utf-8")) if (output / "medvlsm.json").is_file() else {}
     spec.update(name=model.spec.name, trained=True, parameters_m=model.spec.parameters_m, resize=config.resize,
                 description=f"Finetuned with medvlsm on {n_train} samples from {base_name}")

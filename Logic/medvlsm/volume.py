@@ -95,7 +95,14 @@ class Volume:
         return h.hexdigest()
 
     def validate(self) -> None:
-        """Reject what no 2D model can segment, with the fix in the message."""
+        """Reject what no 2D model can segment, with the fix in the message. Checked once per array:
+        the reader and ``request.plan`` both ask, the scan of the voxels runs once."""
+        if getattr(self, "_validated", None) is self.array:
+            return
+        self._check()
+        self._validated = self.array
+
+    def _check(self) -> None:
         a = self.array
         name = self.source or "the image"
         if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (3, 4)):

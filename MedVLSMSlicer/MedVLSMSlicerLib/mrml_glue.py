@@ -515,14 +515,3 @@ def export_training_pair(scene, volume_node, segmentation_node, folder, name: st
     colors = [segmentation.GetSegment(sid).GetColor() for sid in ids]
     write_seg_nrrd(volume_from_node(volume_node), masks, names, seg_path, colors)
     return volume_path, seg_path
-
-
-def finetune_command(python: str, folder, output, model: str = "", epochs: int = 30, plane: str = "axial") -> list:
-    """The out-of-process training command (Slicer runs it with ``PythonSlicer``)."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    argv = [python, "-m", "medvlsm.cli", "finetune", "--volumes", str(folder / "volumes"), "--segmentations",
-            str(folder / "segmentations"), "--output", str(output), "--epochs", str(epochs), "--plane", plane,
-            "--prompt-type", "p1", "p4", "p5"]
-    return argv + (["--model", model] if model else [])

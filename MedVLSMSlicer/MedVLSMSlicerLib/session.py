@@ -43,6 +43,18 @@ class Settings:
     modify_others: bool = False  # let Apply overwrite other segments (Segment Editor's overwrite mode)
     window: str = "auto"
 
+    def post(self):
+        from medvlsm.postprocess import PostProcess
+
+        return PostProcess(self.keep_largest, self.min_voxels, self.fill_holes)
+
+    def request(self, volume, slices=None, cache_key=None):
+        """The ``medvlsm.request.Request`` these settings ask for on ``volume`` (validated)."""
+        from medvlsm.request import plan
+
+        return plan(volume, self.prompts, plane=self.plane, slices=slices, window=self.window,
+                    threshold=None if self.threshold < 0 else self.threshold, post=self.post(), cache_key=cache_key)
+
     def save(self, parameter_node) -> None:
         """Writes only what changed, in one Modified event (each keystroke saves the settings)."""
         wasModifying = parameter_node.StartModify()
@@ -189,7 +201,7 @@ class Session:
 
     @staticmethod
     def slice_range(settings: Settings, volume, current_slice: int | None):
-        """The scope as a slice range of the plane (``None``: all); ``engine.plan`` checks it."""
+        """The scope as a slice range of the plane (``None``: all); ``request.plan`` checks it."""
         from medvlsm.volume import SliceView
 
         if settings.scope == "current slice":
@@ -205,23 +217,21 @@ class Session:
         return self.run(volume, settings, slices, self.cache_key(volume_node))
 
     def run(self, volume, settings: Settings, slices=None, cache_key=None) -> Job:
-        """Any ``Volume`` (a node's copy, the Segment Editor's source image): checks, then a worker
-        that loads the model if needed and segments with the settings' model, device and plane."""
+        """Any ``Volume`` (a node's copy, the Segment Editor's source image): the request is planned
+        here, on the calling thread (clear errors before any model work), then a worker loads the
+        model if needed and runs it."""
         prompts = list(settings.prompts)
         if not prompts:
             raise InputError("No prompt", "Type what to segment, one structure per line")
-        from medvlsm.engine import plan
-
-        plan(volume, settings.plane, slices)  # the volume, plane and range, before any model work
-        model, device, plane, window = settings.model, settings.device, settings.plane, settings.window
+        request = settings.request(volume, slices, cache_key)
+        model, device = settings.model, settings.device
 
         def work(job: Job):
             engine = self.engine(model, device, job)
             if job.cancelled:
                 raise Cancelled()
             job.phase = "Segmenting..."
-            return engine.segment(volume, prompts, plane=plane, window=window, slices=slices,
-                                  progress=job.report, cancel=lambda: job.cancelled, cache_key=cache_key)
+            return engine.segment(volume, request, progress=job.report, cancel=lambda: job.cancelled)
 
         return Job(work)
 
@@ -265,11 +275,9 @@ class Session:
         return self.preview
 
     def masks(self, settings: Settings, result=None) -> np.ndarray:
-        from medvlsm.postprocess import PostProcess
-
-        post = PostProcess(settings.keep_largest, settings.min_voxels, settings.fill_holes)
+        """The masks at the settings' current threshold and clean-up (they change after the run)."""
         threshold = None if settings.threshold < 0 else settings.threshold
-        return (result or self.last_result).masks(threshold, post)
+        return (result or self.last_result).masks(threshold, settings.post())
 
     def rethreshold(self, settings: Settings) -> None:
         """Instant: re-cut the last probabilities into the preview, no model run."""

@@ -2,7 +2,8 @@
 
 A model folder is transformers' ``save_pretrained`` layout (``config.json``, safetensors
 weights, tokenizer files) plus our ``medvlsm.json`` (input size, mean/std, threshold). Folders
-without ``medvlsm.json`` (a plain hub snapshot) get the registry defaults of their architecture.
+without ``medvlsm.json`` (a plain hub snapshot) get the defaults of their architecture
+(``architectures.py``: the one table of architectures).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..resources import resource
+from .architectures import ARCHITECTURES, Architecture, architecture, register
+from .folder import check_folder, folder_spec
 from .spec import SPEC_FILE, ModelSpec
 
+__all__ = ["ARCHITECTURES", "Architecture", "ModelSpec", "architecture", "check_folder", "default_model_name",
+           "fetch", "load_model", "register", "registry"]
+
 log = logging.getLogger("medvlsm")
-
-ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "biomedclipseg": "BiomedCLIPSegModel", "cris": "CRISModel"}
-
 
 @functools.lru_cache(maxsize=1)
 def _registry_json() -> dict:
@@ -29,82 +32,12 @@ def _registry_json() -> dict:
 
 
 def registry() -> dict[str, ModelSpec]:
-    return {m["name"]: ModelSpec.from_dict(m) for m in _registry_json()["models"]}
+    """Registry name -> spec; an entry records only where it differs from its architecture's defaults."""
+    return {m["name"]: architecture(m["arch"]).spec(**m) for m in _registry_json()["models"]}
 
 
 def default_model_name() -> str:
     return _registry_json()["default"]
-
-
-def _arch_defaults(arch: str) -> dict:
-    for spec in registry().values():
-        if spec.arch == arch:
-            return {k: getattr(spec, k) for k in ("input_size", "mean", "std", "threshold", "text_tokens")}
-    return {}
-
-
-def _model_class(arch: str):
-    if arch == "clipseg":
-        from .clipseg import CLIPSeg
-
-        return CLIPSeg
-    if arch == "biomedclipseg":
-        from .biomedclipseg import BiomedCLIPSeg
-
-        return BiomedCLIPSeg
-    if arch == "cris":
-        from .cris import CRIS
-
-        return CRIS
-    raise ModelError(f"Architecture {arch!r} is not supported", f"Use one of: {', '.join(ARCHITECTURES)}")
-
-
-def _folder_spec(folder: Path, fallback: ModelSpec | None = None) -> ModelSpec:
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"Model folder {folder} has no readable config.json ({e.__class__.__name__})",
-                         "Point --model at a folder written by save_pretrained / `medvlsm init` / `medvlsm finetune`") from e
-    arch = config.get("model_type", "")
-    if arch not in ARCHITECTURES:
-        raise ModelError(f"Model folder {folder} holds a {arch or 'unknown'!r} model, not a supported VLSM",
-                         f"Supported: {', '.join(ARCHITECTURES)}")
-    if (folder / SPEC_FILE).is_file():
-        try:
-            recorded = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
-            if not isinstance(recorded, dict):
-                raise ValueError("not a JSON object")
-            return ModelSpec.from_dict({"arch": arch, "name": folder.name, **recorded})
-        except (ValueError, TypeError) as e:
-            raise ModelError(f"{folder / SPEC_FILE} is not a valid model description ({e})",
-                             "Restore the file from the original model folder, or delete it to use the "
-                             "architecture's defaults") from e
-    if fallback is not None:
-        return fallback
-    spec = dict(_arch_defaults(arch), name=folder.name, arch=arch, source=str(folder))
-    pre = folder / "preprocessor_config.json"
-    if pre.is_file():
-        p = json.loads(pre.read_text(encoding="utf-8"))
-        spec.update({k: tuple(p[src]) for k, src in (("mean", "image_mean"), ("std", "image_std")) if src in p})
-    return ModelSpec.from_dict(spec)
-
-
-def check_folder(folder: Path) -> None:
-    """Name the first missing piece of a model folder, before transformers fails obscurely."""
-    if not folder.is_dir():
-        raise ModelError(f"Model folder {folder} does not exist", "Check the path given to --model")
-    weights = list(folder.glob("*.safetensors")) + list(folder.glob("pytorch_model*.bin"))
-    if not weights:
-        raise ModelError(f"Model folder {folder} has no weights (model.safetensors)",
-                         "Copy the complete folder, or recreate it with save_pretrained")
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-        raise ModelError(f"Model folder {folder} has no tokenizer (tokenizer.json or vocab.json + merges.txt)",
-                         "Copy the tokenizer files into the folder (tokenizer.save_pretrained)")
-    for w in weights:
-        if w.stat().st_size < 1024:
-            raise ModelError(f"Weights file {w} is only {w.stat().st_size} bytes: an incomplete copy or a Git LFS pointer",
-                             "Copy the real file (git lfs pull, or download it again)")
 
 
 def _loading_problem(error: Exception) -> str:
@@ -125,16 +58,16 @@ def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, al
     if name_or_path in specs:
         spec = specs[name_or_path]
         folder = fetch(spec, allow_download=allow_download)
-        spec = _folder_spec(folder, fallback=spec if not (folder / SPEC_FILE).is_file() else None)
+        spec = folder_spec(folder, fallback=spec if not (folder / SPEC_FILE).is_file() else None)
     elif path.exists() or os.sep in name_or_path or name_or_path.startswith("."):
         folder = path.resolve()
         check_folder(folder)
-        spec = _folder_spec(folder)
+        spec = folder_spec(folder)
     else:
         raise ModelError(f"Unknown model {name_or_path!r}",
                          f"Use a registry name ({', '.join(specs)}; see `medvlsm models`) or a model folder path")
     try:
-        model = _model_class(spec.arch).from_folder(folder, spec)
+        model = architecture(spec.arch).model_class().from_folder(folder, spec)
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types for damaged folders

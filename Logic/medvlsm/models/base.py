@@ -6,14 +6,9 @@ text, so the engine caches them and a new prompt runs only ``decode``.
 
 from __future__ import annotations
 
-import logging
-import unicodedata
-
 import torch
 
 from .spec import ModelSpec
-
-log = logging.getLogger("medvlsm")
 
 def quiet_transformers() -> None:
     """No progress bars or info chatter from transformers: our CLI and panel report progress themselves."""
@@ -21,19 +16,6 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def clean_prompt(prompt: str) -> tuple[str, list[str]]:
-    """Normalise whitespace/unicode; return the prompt and warnings to show the user."""
-    warnings = []
-    text = unicodedata.normalize("NFC", str(prompt))
-    text = " ".join("".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text).split())
-    if not text:
-        warnings.append("Empty prompt (the paper's p0): the model segments from the image alone, without text guidance.")
-    elif not text.isascii():  # a cheap signal, not language detection: "Leber" passes, "Niere ä" does not
-        warnings.append(f"Prompt {text!r} has characters outside English's alphabet: the text encoders were trained "
-                        "on English, so results may be unreliable; an English prompt is safer.")
-    return text, warnings
 
 
 class VLSM(torch.nn.Module):
@@ -51,10 +33,7 @@ class VLSM(torch.nn.Module):
         self.tokenizer = tokenizer
         self.spec = spec
 
-    @staticmethod
-    def hf_class():
-        """The transformers ``PreTrainedModel`` class this VLSM wraps (read by ``from_folder``)."""
-        raise NotImplementedError
+    hf_class: type  # the transformers ``PreTrainedModel`` this VLSM wraps (read by ``from_folder``)
 
     @classmethod
     def from_folder(cls, folder, spec: ModelSpec) -> "VLSM":
@@ -62,19 +41,19 @@ class VLSM(torch.nn.Module):
         from transformers import AutoTokenizer
 
         quiet_transformers()
-        hf = cls.hf_class().from_pretrained(str(folder), local_files_only=True).eval()
+        hf = cls.hf_class.from_pretrained(str(folder), local_files_only=True).eval()
         return cls(hf, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spec)
 
+    def truncation_warnings(self, prompts: list[str]) -> list[str]:
+        """One sentence per prompt longer than the text encoder reads (the engine shows them)."""
+        full = self.tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]
+        return [f"Prompt {p[:60] + '...'!r} is {len(ids)} tokens long; {self.spec.name} reads at most "
+                f"{self.spec.text_tokens}, the rest is ignored. Shorten the prompt."
+                for p, ids in zip(prompts, full) if len(ids) > self.spec.text_tokens]
+
     def tokenize(self, prompts: list[str]) -> dict:
-        """Token ids ``[P, L]`` and attention mask, truncated to ``spec.text_tokens`` with a warning."""
+        """Token ids ``[P, L]`` and attention mask, truncated to ``spec.text_tokens``."""
         tok = self.tokenizer
-        full = tok(list(prompts), padding=False, truncation=False)["input_ids"]
-        for p, ids in zip(prompts, full):
-            if len(ids) > self.spec.text_tokens:
-                log.warning(
-                    "Prompt %r is %d tokens long; %s reads at most %d, the rest is ignored. Shorten the prompt.",
-                    p[:60] + "...", len(ids), self.spec.name, self.spec.text_tokens,
-                )
         enc = tok(list(prompts), padding=True, truncation=True, max_length=self.spec.text_tokens, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 

@@ -12,19 +12,16 @@ BiomedCLIPSeg-D from the pretrained CLIPSeg decoder (``convert_clipseg_decoder``
 
 from __future__ import annotations
 
-import functools
-
-import pickle
-
 import torch
 from torch import nn
+from transformers import (AutoConfig, AutoModel, BertConfig, BertModel, CLIPSegConfig, PretrainedConfig,
+                          PreTrainedModel, ViTConfig, ViTModel)
+from transformers.models.clipseg.modeling_clipseg import CLIPSegDecoder
 
+from .architectures import ARCHITECTURES
 from .base import quiet_transformers
 from .clipseg import CLIPSegFamily
-from .spec import ModelSpec
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .weights import load_state_dict_file
 
 EXTRACT_LAYERS = (4, 7, 10)  # blocks 5, 8, 11 counted from 1, as in the reference code
 SIZES = {
@@ -38,24 +35,18 @@ SIZES = {
 }
 
 
-@functools.lru_cache(maxsize=1)  # the classes are built lazily (transformers is heavy) and once
-def _config_class():
-    from transformers import PretrainedConfig
+class BiomedCLIPSegConfig(PretrainedConfig):
+    model_type = "biomedclipseg"
 
-    class BiomedCLIPSegConfig(PretrainedConfig):
-        model_type = "biomedclipseg"
-
-        def __init__(self, vision_config=None, text_config=None, decoder_config=None, projection_dim=512,
-                     text_proj_hidden=640, extract_layers=EXTRACT_LAYERS, **kwargs):
-            super().__init__(**kwargs)
-            self.vision_config = dict(vision_config or {})
-            self.text_config = dict(text_config or {})
-            self.decoder_config = dict(decoder_config or {})
-            self.projection_dim = projection_dim
-            self.text_proj_hidden = text_proj_hidden
-            self.extract_layers = list(extract_layers)
-
-    return BiomedCLIPSegConfig
+    def __init__(self, vision_config=None, text_config=None, decoder_config=None, projection_dim=512,
+                 text_proj_hidden=640, extract_layers=EXTRACT_LAYERS, **kwargs):
+        super().__init__(**kwargs)
+        self.vision_config = dict(vision_config or {})
+        self.text_config = dict(text_config or {})
+        self.decoder_config = dict(decoder_config or {})
+        self.projection_dim = projection_dim
+        self.text_proj_hidden = text_proj_hidden
+        self.extract_layers = list(extract_layers)
 
 
 def biomedclipseg_config(size: str = "full"):
@@ -70,57 +61,49 @@ def biomedclipseg_config(size: str = "full"):
                    reduce_dim=s["reduce"], extract_layers=list(s["extract"]), decoder_num_attention_heads=4 if
                    size == "full" else 2, decoder_intermediate_size=2048 if size == "full" else 64,
                    conditional_layer=0, use_complex_transposed_convolution=True)
-    return _config_class()(vision, text, decoder, projection_dim=s["projection"],
+    return BiomedCLIPSegConfig(vision, text, decoder, projection_dim=s["projection"],
                            text_proj_hidden=(s["width"] + s["projection"]) // 2, extract_layers=s["extract"])
 
 
-@functools.lru_cache(maxsize=1)
-def _model_class():
-    from transformers import BertConfig, BertModel, CLIPSegConfig, PreTrainedModel, ViTConfig, ViTModel
-    from transformers.models.clipseg.modeling_clipseg import CLIPSegDecoder
+class BiomedCLIPSegModel(PreTrainedModel):
+    config_class = BiomedCLIPSegConfig
+    base_model_prefix = "biomedclipseg"
+    main_input_name = "pixel_values"
 
-    biomed_config = _config_class()
+    def __init__(self, config):
+        super().__init__(config)
+        self.vision = ViTModel(ViTConfig(**config.vision_config), add_pooling_layer=False)
+        self.text = BertModel(BertConfig(**config.text_config), add_pooling_layer=False)
+        width = config.text_config["hidden_size"]
+        self.text_proj = nn.Sequential(nn.Linear(width, config.text_proj_hidden, bias=False), nn.GELU(),
+                                       nn.Linear(config.text_proj_hidden, config.projection_dim, bias=False))
+        self.decoder = CLIPSegDecoder(CLIPSegConfig(**config.decoder_config))
+        self.post_init()
 
-    class BiomedCLIPSegModel(PreTrainedModel):
-        config_class = biomed_config
-        base_model_prefix = "biomedclipseg"
-        main_input_name = "pixel_values"
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, 0.02)
+            if module.bias is not None:
+                module.bias.data.zero_()
 
-        def __init__(self, config):
-            super().__init__(config)
-            self.vision = ViTModel(ViTConfig(**config.vision_config), add_pooling_layer=False)
-            self.text = BertModel(BertConfig(**config.text_config), add_pooling_layer=False)
-            width = config.text_config["hidden_size"]
-            self.text_proj = nn.Sequential(nn.Linear(width, config.text_proj_hidden, bias=False), nn.GELU(),
-                                           nn.Linear(config.text_proj_hidden, config.projection_dim, bias=False))
-            self.decoder = CLIPSegDecoder(CLIPSegConfig(**config.decoder_config))
-            self.post_init()
 
-        def _init_weights(self, module):
-            if isinstance(module, nn.Linear):
-                module.weight.data.normal_(0.0, 0.02)
-                if module.bias is not None:
-                    module.bias.data.zero_()
-
-    return BiomedCLIPSegModel
+AutoConfig.register(BiomedCLIPSegConfig.model_type, BiomedCLIPSegConfig, exist_ok=True)
+AutoModel.register(BiomedCLIPSegConfig, BiomedCLIPSegModel, exist_ok=True)
 
 
 class BiomedCLIPSeg(CLIPSegFamily):
     """The ``VLSM`` interface over ``BiomedCLIPSegModel`` (shared by BiomedCLIPSeg and -D)."""
 
+    hf_class = BiomedCLIPSegModel
+
     @classmethod
     def random(cls, size: str = "full", name: str | None = None, seed: int = 0, tokenizer=None) -> "BiomedCLIPSeg":
         quiet_transformers()
         torch.manual_seed(seed)
-        hf = _model_class()(biomedclipseg_config(size)).eval()
-        spec = ModelSpec(name=name or f"biomedclipseg-{size}-random", arch="biomedclipseg", input_size=224,
-                         mean=CLIP_MEAN, std=CLIP_STD, threshold=0.5, text_tokens=256, trained=False,
-                         description=f"BiomedCLIPSeg {size} architecture, random weights")
+        hf = BiomedCLIPSegModel(biomedclipseg_config(size)).eval()
+        spec = ARCHITECTURES["biomedclipseg"].spec(name=name or f"biomedclipseg-{size}-random", trained=False,
+                                                   description=f"BiomedCLIPSeg {size} architecture, random weights")
         return cls(hf, tokenizer or wordpiece_tokenizer(SIZES[size]["vocab"]), spec)
-
-    @staticmethod
-    def hf_class():
-        return _model_class()
 
     def towers(self):
         return {"image": [self.hf.vision], "text": [self.hf.text, self.hf.text_proj]}
@@ -191,27 +174,35 @@ def convert_clipseg_decoder(clipseg_state_dict: dict) -> dict:
     return {k: v for k, v in clipseg_state_dict.items() if k.startswith("decoder.")}
 
 
-def load_state_dict_file(path) -> dict:
-    """safetensors, or a pickled checkpoint opened with ``weights_only=True`` (never arbitrary code)."""
+def convert(sources, output, name: str | None = None) -> "BiomedCLIPSeg":
+    """``medvlsm convert --arch biomedclipseg``: open_clip weights and vocab.txt, in any order."""
+    return convert_files(*_sorted_sources(sources, with_decoder=False), output, name=name or "biomedclipseg")
+
+
+def convert_d(sources, output, name: str | None = None) -> "BiomedCLIPSeg":
+    """``medvlsm convert --arch biomedclipseg-d``: the same files and the CLIPSeg weights (its decoder)."""
+    return convert_files(*_sorted_sources(sources, with_decoder=True), output, name=name or "biomedclipseg-d")
+
+
+def _sorted_sources(sources, with_decoder: bool) -> tuple:
+    """-> (open_clip weights, vocab.txt, CLIPSeg weights or None), from files given in any order."""
     from pathlib import Path
 
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ..errors import InputError
 
-        return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message suggests turning the protection off: we do not
-        from ..errors import ModelError
-
-        raise ModelError(f"{path.name} holds Python objects besides tensors, which medvlsm does not unpickle (that "
-                         "could run code from the file)", "Pass the weights as safetensors, or a plain state_dict "
-                         "saved with torch.save(model.state_dict(), ...)") from e
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    files = [Path(f) for f in sources]
+    vocab = [f for f in files if f.suffix == ".txt"]
+    weights = [f for f in files if f.suffix != ".txt"]
+    wanted = 2 if with_decoder else 1
+    if len(vocab) != 1 or len(weights) != wanted:
+        raise InputError(f"biomedclipseg{'-d' if with_decoder else ''} needs {wanted} weights file(s) and one "
+                         f"vocab.txt, got {len(weights)} and {len(vocab)}",
+                         "Pass open_clip_pytorch_model.bin, vocab.txt" +
+                         (" and the CLIPSeg model.safetensors" if with_decoder else ""))
+    return weights[0], vocab[0], weights[1] if with_decoder else None
 
 
-def convert(open_clip_weights, vocab, output, clipseg_weights=None, name: str | None = None) -> "BiomedCLIPSeg":
+def convert_files(open_clip_weights, vocab, clipseg_weights, output, name: str) -> "BiomedCLIPSeg":
     """BiomedCLIP's ``open_clip_pytorch_model.bin`` + PubMedBERT's ``vocab.txt`` (+ CLIPSeg weights for
     the -D variant) -> a model folder in our format."""
     from pathlib import Path
@@ -225,8 +216,7 @@ def convert(open_clip_weights, vocab, output, clipseg_weights=None, name: str | 
         raise ModelError(f"{open_clip_weights} is not a BiomedCLIP open_clip checkpoint (no visual.trunk.*)",
                          "Pass open_clip_pytorch_model.bin of microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
     tokenizer = BertTokenizer(str(vocab), do_lower_case=True, model_max_length=256)
-    variant = "biomedclipseg-d" if clipseg_weights else "biomedclipseg"
-    model = BiomedCLIPSeg.random("full", name=name or variant, tokenizer=tokenizer)
+    model = BiomedCLIPSeg.random("full", name=name, tokenizer=tokenizer)
     state = convert_open_clip_state_dict(original)
     if clipseg_weights:
         state.update(convert_clipseg_decoder(load_state_dict_file(clipseg_weights)))

@@ -16,15 +16,16 @@ Differences from calling the transformers model directly, all output-preserving
 from __future__ import annotations
 
 import torch
+from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
+from .architectures import ARCHITECTURES
 from .base import VLSM, quiet_transformers
+from .folder import check_folder
 from .spec import ModelSpec
 
 
-def clipseg_config(size: str = "full"):
+def clipseg_config(size: str = "full") -> CLIPSegConfig:
     """The CLIPSeg architecture: ``full`` = CIDAS/clipseg-rd64-refined, ``tiny`` for fast tests."""
-    from transformers import CLIPSegConfig
-
     if size == "full":
         text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
         vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -79,25 +80,19 @@ class CLIPSegFamily(VLSM):
 
 
 class CLIPSeg(CLIPSegFamily):
+    hf_class = CLIPSegForImageSegmentation  # transformers' own, registered there under "clipseg"
+
     @classmethod
     def random(cls, size: str = "full", name: str | None = None, seed: int = 0) -> "CLIPSeg":
         """Random weights from the config (no hub): for tests, benchmarks and training from scratch."""
-        from transformers import CLIPSegForImageSegmentation
-
         from .tokenizer import clip_tokenizer
 
         quiet_transformers()
         torch.manual_seed(seed)
         hf = CLIPSegForImageSegmentation(clipseg_config(size)).eval()
-        spec = ModelSpec(name=name or f"clipseg-{size}-random", arch="clipseg", trained=False,
-                         description=f"CLIPSeg {size} architecture, random weights")
+        spec = ARCHITECTURES["clipseg"].spec(name=name or f"clipseg-{size}-random", trained=False,
+                                             description=f"CLIPSeg {size} architecture, random weights")
         return cls(hf, clip_tokenizer(), spec)
-
-    @staticmethod
-    def hf_class():
-        from transformers import CLIPSegForImageSegmentation
-
-        return CLIPSegForImageSegmentation
 
     def towers(self):
         clip = self.hf.clip
@@ -138,7 +133,6 @@ def convert(sources, output, name: str | None = None) -> CLIPSeg:
     from pathlib import Path
 
     from ..errors import ModelError
-    from . import _arch_defaults, check_folder
 
     sources = [Path(p) for p in sources]
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,9 +143,9 @@ def convert(sources, output, name: str | None = None) -> CLIPSeg:
             for f in sources:
                 shutil.copy(f, folder / f.name)
         check_folder(folder)
-        spec = ModelSpec(name=name or folder.name, arch="clipseg", source=str(sources[0]),
-                         licence="Apache-2.0 (CIDAS CLIPSeg)", description="CLIPSeg converted from a CIDAS snapshot",
-                         **_arch_defaults("clipseg"))
+        spec = ARCHITECTURES["clipseg"].spec(name=name or folder.name, source=str(sources[0]),
+                                             licence="Apache-2.0 (CIDAS CLIPSeg)",
+                                             description="CLIPSeg converted from a CIDAS snapshot")
         try:
             model = CLIPSeg.from_folder(folder, spec)
         except Exception as e:  # transformers raises many types for foreign folders

@@ -22,10 +22,11 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from .architectures import ARCHITECTURES
 from .base import VLSM, quiet_transformers
-from .biomedclipseg import CLIP_MEAN, CLIP_STD, load_state_dict_file
-from .spec import ModelSpec
+from .weights import load_state_dict_file
 
 SIZES = {
     # resnet blocks/width, CLIP embedding, text transformer (CLIP: 64 channels per head), FPN outputs
@@ -37,9 +38,9 @@ SIZES = {
     "tiny": dict(layers=(1, 1, 1, 1), width=8, embed=64, text_width=32, text_layers=1, text_heads=1,
                  fpn_out=(16, 32, 32), decoder_layers=1, decoder_heads=8, ffn=64),
 }
-INPUT_SIZE = 416
-TEXT_TOKENS = 77
-THRESHOLD = 0.35
+# The rest of CRIS-R50's config: CLIP's vocabulary and 77-token context, CRIS's decoder dropout, the
+# 7x7 attention-pool grid of CLIP RN50 at 224 pixels.
+FULL = dict(SIZES["full"], vocab_size=49408, context_length=77, dropout=0.2, spacial_dim=7)
 
 
 # ---- CLIP modified ResNet ------------------------------------------------------------------------
@@ -323,57 +324,47 @@ class Projector(nn.Module):
 
 # ---- the transformers model (config + save_pretrained / from_pretrained) ------------------------
 
-@functools.lru_cache(maxsize=1)  # built lazily (transformers is heavy) and once
-def _config_class():
-    from transformers import PretrainedConfig
+class CRISConfig(PretrainedConfig):
+    """CRIS's sizes; any field not given is CRIS-R50's (``FULL``)."""
 
-    class CRISConfig(PretrainedConfig):
-        model_type = "cris"
+    model_type = "cris"
 
-        def __init__(self, layers=(3, 4, 6, 3), width=64, embed=1024, text_width=512, text_layers=12, text_heads=8,
-                     vocab_size=49408, context_length=TEXT_TOKENS, fpn_out=(256, 512, 1024), decoder_layers=3,
-                     decoder_heads=8, ffn=2048, dropout=0.2, spacial_dim=7, **kwargs):
-            super().__init__(**kwargs)
-            self.layers, self.width, self.embed = list(layers), width, embed
-            self.text_width, self.text_layers, self.text_heads = text_width, text_layers, text_heads
-            self.vocab_size, self.context_length = vocab_size, context_length
-            self.fpn_out, self.decoder_layers, self.decoder_heads = list(fpn_out), decoder_layers, decoder_heads
-            self.ffn, self.dropout, self.spacial_dim = ffn, dropout, spacial_dim
-
-    return CRISConfig
+    def __init__(self, **kwargs):
+        fields = {name: kwargs.pop(name, default) for name, default in FULL.items()}
+        super().__init__(**kwargs)
+        for name, value in fields.items():
+            setattr(self, name, list(value) if isinstance(value, tuple) else value)
 
 
-@functools.lru_cache(maxsize=1)
-def _model_class():
-    from transformers import PreTrainedModel
+class CRISModel(PreTrainedModel):
+    config_class = CRISConfig
+    base_model_prefix = "cris"
+    main_input_name = "pixel_values"
 
-    class CRISModel(PreTrainedModel):
-        config_class = _config_class()
-        base_model_prefix = "cris"
-        main_input_name = "pixel_values"
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.backbone = nn.Module()
+        self.backbone.visual = ModifiedResNet(c.layers, c.width, c.embed, c.spacial_dim)
+        self.backbone.text = CLIPText(c.vocab_size, c.context_length, c.text_width, c.text_layers, c.text_heads,
+                                      c.embed)
+        self.neck = FPN((c.width * 8, c.width * 16, c.embed), c.fpn_out)
+        self.decoder = TransformerDecoder(c.decoder_layers, c.fpn_out[1], c.decoder_heads, c.ffn, c.dropout)
+        self.proj = Projector(c.embed, c.fpn_out[1] // 2)
+        self.post_init()
 
-        def __init__(self, config):
-            super().__init__(config)
-            c = config
-            self.backbone = nn.Module()
-            self.backbone.visual = ModifiedResNet(c.layers, c.width, c.embed, c.spacial_dim)
-            self.backbone.text = CLIPText(c.vocab_size, c.context_length, c.text_width, c.text_layers, c.text_heads,
-                                          c.embed)
-            self.neck = FPN((c.width * 8, c.width * 16, c.embed), c.fpn_out)
-            self.decoder = TransformerDecoder(c.decoder_layers, c.fpn_out[1], c.decoder_heads, c.ffn, c.dropout)
-            self.proj = Projector(c.embed, c.fpn_out[1] // 2)
-            self.post_init()
+    def _init_weights(self, module):
+        pass  # torch's defaults; CLIP's own initialisation is applied by ``CRIS.random``
 
-        def _init_weights(self, module):
-            pass  # torch's defaults; CLIP's own initialisation is applied by ``CRIS.random``
 
-    return CRISModel
+AutoConfig.register(CRISConfig.model_type, CRISConfig, exist_ok=True)
+AutoModel.register(CRISConfig, CRISModel, exist_ok=True)
 
 
 def cris_config(size: str = "full"):
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}: {', '.join(SIZES)}")
-    return _config_class()(**SIZES[size])
+    return CRISConfig(**SIZES[size])
 
 
 def clip_initialisation(model) -> None:
@@ -404,6 +395,8 @@ class CRIS(VLSM):
     other model's.
     """
 
+    hf_class = CRISModel
+
     @classmethod
     def random(cls, size: str = "full", name: str | None = None, seed: int = 0) -> "CRIS":
         return cls.from_config(cris_config(size), name or f"cris-{size}-random", seed,
@@ -416,15 +409,11 @@ class CRIS(VLSM):
 
         quiet_transformers()
         torch.manual_seed(seed)
-        hf = _model_class()(config).eval()
+        hf = CRISModel(config).eval()
         clip_initialisation(hf)
-        spec = ModelSpec(name=name, arch="cris", input_size=INPUT_SIZE, mean=CLIP_MEAN, std=CLIP_STD,
-                         threshold=THRESHOLD, text_tokens=config.context_length, trained=False, description=description)
+        spec = ARCHITECTURES["cris"].spec(name=name, text_tokens=config.context_length, trained=False,
+                                          description=description)
         return cls(hf, clip_tokenizer(), spec)
-
-    @staticmethod
-    def hf_class():
-        return _model_class()
 
     def towers(self):
         return {"image": [self.hf.backbone.visual], "text": [self.hf.backbone.text]}
@@ -527,7 +516,7 @@ def config_from_state_dict(state: dict):
     if "neck.f1_v_proj.0.weight" in state:
         config.update(fpn_out=[state[f"neck.{k}.0.weight"].shape[0] for k in ("f3_v_proj", "f2_v_proj", "f1_v_proj")],
                       decoder_layers=count("decoder.layers."), ffn=state["decoder.layers.0.ffn.0.weight"].shape[0])
-    return _config_class()(**config)
+    return CRISConfig(**config)
 
 
 def convert(sources, output, name: str | None = None) -> "CRIS":

@@ -11,15 +11,19 @@ SPEC_FILE = "medvlsm.json"
 
 @dataclass
 class ModelSpec:
-    """What the engine needs to know to feed a model (one per registry entry / model folder)."""
+    """What the engine needs to know to feed a model (one per registry entry / model folder).
+
+    The input size, mean/std, threshold and text length have no defaults here: a spec is made by
+    its architecture (``architectures.Architecture.spec``), which fills what a folder leaves out.
+    """
 
     name: str
     arch: str
-    input_size: int = 352
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    threshold: float = 0.5
-    text_tokens: int = 77
+    input_size: int
+    mean: tuple
+    std: tuple
+    threshold: float
+    text_tokens: int
     source: str = ""
     licence: str = ""
     description: str = ""

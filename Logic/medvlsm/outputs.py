@@ -1,0 +1,62 @@
+"""Where a segmentation goes: checked before the model runs, written by extension after it.
+
+A run of ``medvlsm segment`` / ``demo`` (and a server's reply) writes its masks to one or more
+files, each in the format its extension names, plus optionally the probabilities and a PNG overlay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import io
+from .errors import InputError
+from .postprocess import labelmap
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """``files``: mask files (.seg.nrrd, a labelmap .nii/.nii.gz/.nrrd/.mha, .png for 2D inputs, .dcm
+    DICOM SEG for DICOM inputs); ``probabilities``: float32 probabilities; ``overlay``: a PNG montage."""
+
+    files: tuple
+    probabilities: Path | None = None
+    overlay: Path | None = None
+
+    def check(self, input_path, volume) -> list[str]:
+        """Before any model work: every path can be written in its format, none is an input or
+        another output of the run. Returns the extension of each of ``files``."""
+        is_2d = volume.shape[0] == 1
+        io.check_distinct_outputs([input_path, *volume.dicom_files], [*self.files, self.probabilities, self.overlay])
+        extensions = [io.check_output_path(o, is_2d=is_2d, dicom=bool(volume.dicom_files)) for o in self.files]
+        if ".dcm" in extensions:
+            io.check_dicom_seg_source(volume.dicom_files)
+        if self.probabilities:
+            io.check_output_path(self.probabilities, is_2d=is_2d, kind="probabilities")
+        if self.overlay and io.extension(self.overlay) != ".png":
+            raise InputError(f"--overlay {self.overlay} must be a .png file", "Give a path ending in .png")
+        return extensions
+
+    def write(self, volume, result, masks) -> None:
+        """``masks [P, K, J, I]`` of ``result`` on ``volume``'s grid into every file; each file is
+        complete or untouched (``io.written``). Untrained weights are marked in every file."""
+        note = "" if result.trained else f"UNTRAINED WEIGHTS ({result.model_name}): pipeline check, not a segmentation"
+        for output in self.files:
+            ext = io.extension(output)
+            if ext == ".seg.nrrd":
+                io.written(output, io.write_seg_nrrd, volume, masks, result.prompts, output, None, note)
+            elif ext == ".dcm":
+                io.written(output, io.write_dicom_seg, volume, masks, result.prompts, output, result.model_name, note)
+            else:
+                io.written(output, io.write_labelmap, volume, labelmap(masks, result.probabilities), output, note)
+        if self.probabilities:
+            io.written(self.probabilities, io.write_probabilities, volume, result.probabilities, self.probabilities,
+                       note)
+        if self.overlay:
+            from .overlay import OverlayStyle, save_overlay
+
+            title = f"{result.model_name}: {', '.join(repr(p) for p in result.prompts)}"
+            if not result.trained:
+                title = "UNTRAINED WEIGHTS (pipeline check, not a segmentation) - " + title
+            style = OverlayStyle(plane=result.plane, window=result.request.window, title=title)
+            save_overlay(volume, masks, result.prompts, self.overlay, style)
