@@ -22,14 +22,27 @@ $(BIN)/.installed: $(BIN)/.runtime Testing/requirements.txt
 	$(BIN)/python -m pip install -q -c Testing/constraints.txt -r Testing/requirements.txt
 	touch $@
 
+# The lowest transformers setup.py accepts (the first that takes the pinned huggingface_hub 2.x), in a
+# folder put first on PYTHONPATH: `make test` runs the model tests again on it.
+TRANSFORMERS_LOWEST := transformers==5.18.0
+LOWEST := $(VENV)/transformers-lowest
+$(LOWEST)/.installed: Makefile
+	rm -rf $(LOWEST)
+	$(BIN)/python -m pip install -q --no-deps --target $(LOWEST) $(TRANSFORMERS_LOWEST)
+	touch $@
+MODEL_TESTS := Testing/test_engine.py Testing/test_cris.py Testing/test_biomedclipseg.py Testing/test_architectures.py
+
 .PHONY: setup demo test bench
-setup: $(BIN)/.installed
+setup: $(BIN)/.installed $(LOWEST)/.installed
 
 demo: $(BIN)/.runtime
 	$(BIN)/medvlsm demo --allow-untrained
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(LOWEST)/.installed
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -rs -p no:cacheprovider Testing
+	@echo "The model tests on the lowest declared $(TRANSFORMERS_LOWEST) (the full-size ones ran above):"
+	PYTHONPATH=$(LOWEST) MEDVLSM_EXPECT_TRANSFORMERS=$(TRANSFORMERS_LOWEST) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		$(MODEL_TESTS) -k "not full and not convert_command and not biomedclipseg_d"
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_engine.py --quick

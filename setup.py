@@ -20,7 +20,7 @@ setup(
     package_data={"medvlsm.resources": ["*.json", "*.txt", "Tokenizers/*/*", "Demo/*", "UI/*.ui", "Icons/*.png"]},
     install_requires=[
         "torch>=2.1",
-        "transformers>=4.46",
+        "transformers>=5.18,<6",  # CI tests 5.18.0 (make test) and the pinned 5.23.0; models/base.py checks it
         "monai>=1.3",
         "SimpleITK>=2.2",
         "numpy>=1.23",
@@ -29,7 +29,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.6",
         "safetensors>=0.4",
-        "huggingface_hub>=0.23",
+        "huggingface_hub>=1.31",
     ],
     extras_require={
         "slicer": ["Qt.py>=1.4"],

@@ -58,6 +58,30 @@ def test_no_function_in_logic_takes_more_than_six_parameters():
     assert not crowded, crowded
 
 
+def test_the_declared_transformers_range_is_the_tested_one():
+    """setup.py, the Makefile's lowest-version run and the check at import name the same version; under
+    that run (MEDVLSM_EXPECT_TRANSFORMERS), these tests really import it."""
+    import os
+    import re
+
+    import transformers
+
+    from medvlsm.errors import ModelError
+    from medvlsm.models.base import TRANSFORMERS_MIN, check_transformers
+
+    root = LOGIC.parents[1]
+    low, high = re.search(r'"transformers>=([\d.]+),<(\d+)"', (root / "setup.py").read_text(encoding="utf-8")).groups()
+    lowest = re.search(r"TRANSFORMERS_LOWEST := transformers==([\d.]+)", (root / "Makefile").read_text()).group(1)
+    assert tuple(map(int, low.split("."))) == TRANSFORMERS_MIN == tuple(map(int, lowest.split(".")[:2]))
+    assert int(high) == TRANSFORMERS_MIN[0] + 1
+    check_transformers(lowest)
+    with pytest.raises(ModelError, match="pip install 'transformers>="):
+        check_transformers("5.17.1")
+    expected = os.environ.get("MEDVLSM_EXPECT_TRANSFORMERS")
+    if expected:
+        assert f"transformers=={transformers.__version__}" == expected
+
+
 @pytest.fixture
 def toy_architecture():
     import toy_vlsm

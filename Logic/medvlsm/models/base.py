@@ -7,8 +7,25 @@ text, so the engine caches them and a new prompt runs only ``decode``.
 from __future__ import annotations
 
 import torch
+import transformers
 
+from ..errors import ModelError
 from .spec import ModelSpec
+
+# The lowest transformers the model code is tested with (``make test`` runs the model tests on it; the
+# pinned one is newer): the code calls transformers' modules below their public forward.
+TRANSFORMERS_MIN = (5, 18)
+
+
+def check_transformers(version: str = transformers.__version__) -> None:
+    found = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if found < TRANSFORMERS_MIN or found[:1] > TRANSFORMERS_MIN[:1]:
+        low = ".".join(map(str, TRANSFORMERS_MIN))
+        raise ModelError(f"medvlsm's models need transformers >= {low} and < {TRANSFORMERS_MIN[0] + 1}, this Python "
+                         f"has {version}", f"Run: pip install 'transformers>={low},<{TRANSFORMERS_MIN[0] + 1}'")
+
+
+check_transformers()
 
 def quiet_transformers() -> None:
     """No progress bars or info chatter from transformers: our CLI and panel report progress themselves."""

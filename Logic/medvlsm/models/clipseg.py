@@ -1,7 +1,7 @@
 """CLIPSeg (Lüddecke & Ecker, CVPR 2022) on transformers' ``CLIPSegForImageSegmentation``.
 
 Differences from calling the transformers model directly, all output-preserving
-(``Testing/test_models.py`` checks equality with the plain forward):
+(``Testing/test_engine.py`` checks equality with the plain forward):
 
 - the vision encoder stops after the deepest layer the decoder reads (``extract_layers``):
   layers 10 and 11 of ViT-B/16 never reach the output (~16 % of the FLOPs);
