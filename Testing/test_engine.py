@@ -175,6 +175,30 @@ def test_long_prompt_is_truncated_with_a_warning(engine, caplog):
     r = engine.segment(ct_volume((2, 16, 16)), [long])
     assert r.probabilities.shape[0] == 1
     assert "tokens long" in caplog.text and "Shorten" in caplog.text
+    assert any("tokens long" in w for w in r.warnings)  # the panel shows the result's warnings
+
+
+def test_a_request_is_planned_once_and_survives_json(engine):
+    """What a client sends a server: the same request, the same probabilities; a request is checked
+    against the volume it runs on, and a malformed one names its problem."""
+    v = ct_volume((4, 20, 24))
+    request = plan(v, ["liver", " spleen "], plane="coronal", slices=(2, 9), window="abdomen", threshold=0.3,
+                   post=PostProcess(keep_largest=True), cache_key=("vtkMRMLScalarVolumeNode1", 42))
+    assert request.prompts == ("liver", "spleen") and request.window.describe.startswith("abdomen")
+    again = type(request).from_json(request.to_json())
+    assert again == request
+    a, b = engine.segment(v, request), engine.segment(v, again)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    assert a.threshold == 0.3 and a.window == request.window.describe and a.slice_range == (2, 9)
+    np.testing.assert_array_equal(a.masks(), b.masks(0.3, PostProcess(keep_largest=True)))
+    with pytest.raises(InputError, match="planned for"):
+        engine.segment(ct_volume((5, 20, 24)), request)
+    with pytest.raises(InputError, match="Malformed"):
+        type(request).from_json(request.to_json().replace('"coronal"', '"oblique"'))
+    with pytest.raises(InputError, match="Malformed"):
+        type(request).from_json("{}")
+    with pytest.raises(InputError, match="not a probability"):
+        plan(v, ["liver"], threshold=1.5)
 
 
 @pytest.mark.parametrize("precision", ["bf16"])

@@ -28,7 +28,6 @@ class ToySegConfig(PretrainedConfig):
 class ToySegModel(PreTrainedModel):
     config_class = ToySegConfig
     base_model_prefix = "toyseg"
-    main_input_name = "pixel_values"
 
     def __init__(self, config):
         super().__init__(config)

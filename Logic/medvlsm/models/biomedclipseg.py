@@ -68,7 +68,6 @@ def biomedclipseg_config(size: str = "full"):
 class BiomedCLIPSegModel(PreTrainedModel):
     config_class = BiomedCLIPSegConfig
     base_model_prefix = "biomedclipseg"
-    main_input_name = "pixel_values"
 
     def __init__(self, config):
         super().__init__(config)

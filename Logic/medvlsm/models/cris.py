@@ -339,7 +339,6 @@ class CRISConfig(PretrainedConfig):
 class CRISModel(PreTrainedModel):
     config_class = CRISConfig
     base_model_prefix = "cris"
-    main_input_name = "pixel_values"
 
     def __init__(self, config):
         super().__init__(config)
