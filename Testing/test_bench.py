@@ -24,3 +24,12 @@ def test_bench_quick_mode_runs(tmp_path):
                 "reprompt_speedup"):
         assert engine[key] > 0, key
     assert results["cases"]["naive"]["slices"] == 4
+
+
+def test_server_load_bench_runs_and_nothing_is_mixed_up(tmp_path):
+    import bench_server
+
+    report = bench_server.main(["--clients", "3", "--requests", "2", "--depth", "3", "--size", "32",
+                                "--json", str(tmp_path / "load.json")])
+    assert report["answered"] == report["asked"] == 6 and report["mismatched"] == 0 and not report["errors"]
+    assert report["p95_s"] >= report["p50_s"] > 0

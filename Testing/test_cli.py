@@ -214,3 +214,38 @@ def test_dicom_series_in_dicom_seg_out(tmp_path, tiny_model_dir, capsys):
     code, _, err = run(["segment", tmp_path / "series" / "000.dcm", "-p", "liver", "--model", tiny_model_dir, "-o",
                         tmp_path / "x.dcm"], capsys)
     assert code == 2 and "DICOM series" in err
+
+
+def test_a_cohort_runs_every_volume_once_and_resumes(tmp_path, capsys, tiny_model_dir):
+    """A folder of volumes (one damaged) and a CSV of the same: one output per case, the damaged one
+    named in cohort.csv without stopping the others; a second run skips what is done."""
+    import csv
+
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    grids = {}
+    for n, shape in enumerate([(4, 24, 28), (3, 20, 20)]):
+        grids[f"case{n}"] = Volume(blobs(shape, seed=n), (0.9, 0.9, 2.0), (n, 0, 0), rotation(0, 0, 10 * n))
+        sitk.WriteImage(io.volume_to_sitk(grids[f"case{n}"]), str(folder / f"case{n}.nii.gz"))
+    (folder / "broken.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    argv = ["segment", folder, "-p", "liver", "--model", tiny_model_dir, "-o", out]
+    code, printed, err = run(argv, capsys)
+    assert code == 2 and "1 case(s) failed" in err and "2 segmented" in printed
+    log = {row["case"]: row for row in csv.DictReader(open(out / "cohort.csv", encoding="utf-8"))}
+    assert log["broken"]["state"] == "failed" and "Cannot read" in log["broken"]["reason"]
+    for name, grid in grids.items():
+        assert log[name]["state"] == "done" and io.read_seg_nrrd(out / f"{name}.seg.nrrd").grid.same_grid(grid)
+    before = {name: (out / f"{name}.seg.nrrd").stat().st_mtime_ns for name in grids}
+    (folder / "broken.nii.gz").unlink()
+    assert run(argv, capsys)[0] == 0  # resumed: the done cases are skipped, untouched
+    assert {name: (out / f"{name}.seg.nrrd").stat().st_mtime_ns for name in grids} == before
+    assert {row["state"] for row in csv.DictReader(open(out / "cohort.csv", encoding="utf-8"))} == {"skipped"}
+
+    (tmp_path / "list.csv").write_text("path,name\ncohort/case1.nii.gz,second\n", encoding="utf-8")
+    code, printed, _ = run(["segment", tmp_path / "list.csv", "-p", "liver", "--model", tiny_model_dir, "-o",
+                            tmp_path / "labels", "--format", ".nii.gz"], capsys)
+    assert code == 0 and (tmp_path / "labels" / "second.nii.gz").is_file()
+    code, _, err = run(["segment", folder, "-p", "liver", "--model", tiny_model_dir, "-o", tmp_path / "x.seg.nrrd"],
+                       capsys)
+    assert code == 2 and "is a folder" in err

@@ -124,13 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment an image or volume from text prompts")
-    seg.add_argument("input", help="NIfTI/NRRD/MHA file, a DICOM series folder, or a 2D PNG/JPG")
+    seg.add_argument("input", help="NIfTI/NRRD/MHA file, a DICOM series folder, or a 2D PNG/JPG; a cohort: a "
+                     "folder of volumes (files, or one DICOM series per subfolder) or a CSV with a 'path' column")
     seg.add_argument("--prompt", "-p", action="append", required=True,
                      help="what to segment; repeat for several segments (one label each)")
     seg.add_argument("--output", "-o", required=True, help=".seg.nrrd (Slicer segmentation), .nii/.nii.gz/.nrrd/.mha "
-                     "(labelmap: label i = i-th prompt), .png (2D inputs) or .dcm (DICOM SEG, for DICOM series inputs)")
+                     "(labelmap: label i = i-th prompt), .png (2D inputs) or .dcm (DICOM SEG, for DICOM series inputs); "
+                     "a cohort: a folder, one OUTPUT/<case><--format> per volume")
     seg.add_argument("--probabilities", default=None, help="also write float32 probabilities (.nii.gz/.nrrd/.mha)")
     seg.add_argument("--overlay", default=None, help="also write a PNG montage of slices with the masks")
+    seg.add_argument("--server", default=None, help="run on a `medvlsm serve` server (URL) instead of here; "
+                     "--model then names one of its models")
+    seg.add_argument("--token-file", default=None, help="file holding the server's bearer token (for --server)")
+    seg.add_argument("--format", default=".seg.nrrd", help="a cohort's output format (default .seg.nrrd)")
+    seg.add_argument("--overwrite", action="store_true", help="a cohort: redo cases whose output exists (default: "
+                     "skip them, so an interrupted cohort resumes)")
     _add_segment_options(seg)
 
     sub.add_parser("models", help="list the model registry")
@@ -210,6 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--output", "-o", required=True, help="the model folder to write (must be new or empty)")
     cv.add_argument("--overwrite", action="store_true", help="replace the files of an existing model folder")
 
+    sv = sub.add_parser("serve", help="segment for other computers over HTTP (one GPU for a department)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this computer only; any "
+                    "other needs --token-file)")
+    sv.add_argument("--port", type=_positive_int, default=8765)
+    sv.add_argument("--model", action="append", default=None, metavar="NAME_OR_FOLDER",
+                    help="a model to serve (repeat; clients name it by its registry name or folder name; "
+                    "default: the registry's default)")
+    sv.add_argument("--token-file", default=None, help="'name token' per line: clients authenticate with a "
+                    "bearer token and see only their own volumes and jobs")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-upload-mb", type=_positive_int, default=1024)
+    sv.add_argument("--volume-cache-mb", type=_positive_int, default=8192,
+                    help="uploaded volumes kept in memory (least recently used out first; never on disk)")
+    sv.add_argument("--volume-ttl", type=_positive_float, default=3600.0, help="seconds an uploaded volume is kept")
+    sv.add_argument("--job-timeout", type=_positive_float, default=600.0, help="seconds a run may take")
+    sv.add_argument("--replicas", type=_positive_int, default=0, help="serve on Ray Serve with this many model "
+                    "replicas (one per GPU with --gpus-per-replica 1); a volume's runs stay on the replica that "
+                    "cached it")
+    sv.add_argument("--ray-address", default=None, help="join a running Ray cluster (e.g. auto) instead of "
+                    "starting one on this machine")
+    sv.add_argument("--gpus-per-replica", type=float, default=0.0)
+
     init = sub.add_parser("init", help="write a model folder with random weights (training from scratch, tests)")
     init.add_argument("--arch", default="clipseg", choices=list(ARCHITECTURES))
     init.add_argument("--size", default="full", choices=list(dict.fromkeys(s for a in ARCHITECTURES.values()
@@ -235,14 +265,14 @@ def _parse_slices(text):
     return start, stop
 
 
-def _progress_bar(quiet: bool, what: str):
+def _progress_bar(quiet: bool, what: str, unit: str = "slice"):
     """A progress bar on a terminal only: in a log file its redraws become runs of spaces and
     carriage returns in front of the next line."""
     if quiet or not sys.stderr.isatty():
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="slice", desc=what, leave=False, file=sys.stderr)
+    bar = tqdm(total=0, unit=unit, desc=what, leave=False, file=sys.stderr)
 
     def update(done, total):
         bar.total = total
@@ -252,13 +282,12 @@ def _progress_bar(quiet: bool, what: str):
     return update, bar.close
 
 
-def run_segmentation(args, input_path, prompts, outputs, model=None):
+def run_segmentation(args, input_path, prompts, outputs, runner=None):
     """Shared by ``segment`` and ``demo``: read, plan the request and check every output path (before
-    the slow model load), run, write (``outputs.Outputs``), summarise."""
+    the slow model load), run (``runner``: see ``_runner``), write (``outputs.Outputs``), summarise."""
     import numpy as np
 
     from . import io
-    from .engine import Engine, resolve_device
     from .postprocess import PostProcess
     from .request import plan
 
@@ -267,21 +296,12 @@ def run_segmentation(args, input_path, prompts, outputs, model=None):
     post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)
     request = plan(volume, prompts, plane=args.axis, slices=_parse_slices(args.slices), window=args.window,
                    resize=args.resize, threshold=args.threshold, post=post)
-    device = resolve_device(args.device)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"Batch size {args.batch_size} must be at least 1", "Use --batch-size 1 or more")
-    if model is None:
-        from .models import load_model
-
-        model = load_model(args.model)
-    engine = Engine(model, device=device, precision=args.precision, batch_size=args.batch_size)
     update, close = _progress_bar(args.quiet, "segmenting")
     try:
-        result = engine.segment(volume, request, progress=update)
+        result = (runner or _runner(args))(volume, request, update)
     finally:
         close()
-    masks = result.masks()
-    outputs.write(volume, result, masks)
+    masks = outputs.write(volume, result)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels ({m.sum() * voxel_ml:.1f} mL)"
                        for p, m in zip(result.prompts, masks))
@@ -291,10 +311,85 @@ def run_segmentation(args, input_path, prompts, outputs, model=None):
     return result
 
 
+def _runner(args, model=None):
+    """``run(volume, request, progress) -> result``: on a server (``--server``) or an engine here
+    (``model``, else ``--model`` loaded once); a cohort runs all its cases through one."""
+    if getattr(args, "server", None):
+        from .client import Client, read_token
+
+        client = Client(args.server, read_token(args.token_file))
+        return lambda volume, request, progress: client.segment(volume, request, args.model, progress=progress)
+    from .engine import Engine, resolve_device
+
+    device = resolve_device(args.device)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"Batch size {args.batch_size} must be at least 1", "Use --batch-size 1 or more")
+    if model is None:
+        from .models import load_model
+
+        model = load_model(args.model)
+    engine = Engine(model, device=device, precision=args.precision, batch_size=args.batch_size)
+    return lambda volume, request, progress: engine.segment(volume, request, progress=progress)
+
+
+def cmd_serve(args):
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise InputError("medvlsm serve needs FastAPI and uvicorn, which are not installed",
+                         "Run: pip install 'medvlsm[server]' (or pip install fastapi uvicorn)") from e
+
+    from .models import default_model_name
+    from .server import ServerConfig, create_app, read_tokens
+
+    sources = args.model or [default_model_name()]
+    models = {Path(m).name if Path(m).exists() else m: m for m in sources}
+    config = ServerConfig(models=models, tokens=read_tokens(args.token_file) if args.token_file else {},
+                          host=args.host, device=args.device, max_upload_bytes=args.max_upload_mb << 20,
+                          volume_cache_bytes=args.volume_cache_mb << 20, volume_ttl_s=args.volume_ttl,
+                          job_timeout_s=args.job_timeout)
+    who = f"bearer tokens of {len(config.tokens)} client(s)" if config.tokens else "no token: this computer only"
+    if args.replicas:
+        from . import ray_serve
+
+        print(f"Serving {', '.join(models)} on Ray Serve ({args.replicas} replicas) at http://{args.host}:{args.port} "
+              f"({who}); API: /docs")
+        ray_serve.run(config, args.port, args.replicas, address=args.ray_address, gpus_per_replica=args.gpus_per_replica)
+        return
+    app = create_app(config)
+    print(f"Serving {', '.join(models)} on http://{args.host}:{args.port} ({who}); API: /docs")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+
+
 def cmd_segment(args):
+    from . import cohort
     from .outputs import Outputs
 
-    run_segmentation(args, args.input, args.prompt, Outputs((args.output,), args.probabilities, args.overlay))
+    if not cohort.is_cohort(args.input):
+        run_segmentation(args, args.input, args.prompt, Outputs((args.output,), args.probabilities, args.overlay))
+        return
+    from . import io
+
+    found = cohort.cases(args.input)
+    if args.probabilities or args.overlay:
+        raise InputError("--probabilities and --overlay are for one volume", "Leave them out for a cohort")
+    if io.extension(args.output) or Path(args.output).is_file():
+        raise InputError(f"A cohort's --output is a folder, not {args.output}",
+                         "Give a folder; --format chooses the files' format (default .seg.nrrd)")
+    if io.extension(args.format) not in io.OUTPUT_EXTENSIONS:
+        raise InputError(f"Unknown --format {args.format!r}", f"Use one of: {', '.join(io.OUTPUT_EXTENSIONS)}")
+    runner = _runner(args)
+    quiet = argparse.Namespace(**{**vars(args), "quiet": True})  # one bar for the cohort, not one per volume
+    update, close = _progress_bar(args.quiet, "cohort", unit="volume")
+    try:
+        states = cohort.run(found, Path(args.output), args.format, lambda path, target: run_segmentation(
+            quiet, path, args.prompt, Outputs((target,)), runner), overwrite=args.overwrite, progress=update)
+    finally:
+        close()
+    print(f"Cohort of {len(found)}: {states['done']} segmented, {states['skipped']} done before, {states['failed']} "
+          f"failed -> {Path(args.output) / cohort.LOG}")
+    if states["failed"]:
+        raise InputError(f"{states['failed']} case(s) failed", f"Their reasons are in {Path(args.output) / cohort.LOG}")
 
 
 def cmd_models(args):
@@ -334,7 +429,7 @@ def cmd_demo(args):
 
     outputs = Outputs((out / "demo.seg.nrrd", out / "demo_labels.nii.gz"), overlay=out / "demo_overlay.png")
     out.mkdir(parents=True, exist_ok=True)  # only now: a demo that stops earlier leaves no empty folder
-    run_segmentation(args, image, DEMO_PROMPTS, outputs, model=model)
+    run_segmentation(args, image, DEMO_PROMPTS, outputs, _runner(args, model))
     print(f"Wrote {outputs.files[0]} (open it in 3D Slicer over {image}), {outputs.files[1]} and {outputs.overlay}")
 
 
@@ -537,7 +632,7 @@ def finetune_command(python: str, folder, output, model: str = "", epochs: int =
     return argv + (["--model", model] if model else [])
 
 
-COMMANDS = {"finetune": cmd_finetune, "segment": cmd_segment, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,
+COMMANDS = {"finetune": cmd_finetune, "segment": cmd_segment, "serve": cmd_serve, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,
             "init": cmd_init, "prompts": cmd_prompts, "evaluate": cmd_evaluate, "convert": cmd_convert}
 
 

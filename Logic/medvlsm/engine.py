@@ -19,17 +19,17 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import postprocess
 from .errors import Cancelled, InputError
 from .models.base import VLSM
 from .preprocess import Letterbox, to_model_input
 from .request import Request, plan
+from .result import SegmentationResult
 from .volume import SliceView, Volume
 
 log = logging.getLogger("medvlsm")
@@ -82,56 +82,6 @@ def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
-
-
-@dataclass
-class SegmentationResult:
-    """Probabilities ``[P, K, J, I]`` on the input volume's grid, and how they were made.
-
-    ``threshold`` is the request's, else the model's; ``window`` says which intensity window was
-    used (``request.window`` is the window itself).
-    """
-
-    grid: Volume
-    request: Request
-    probabilities: np.ndarray
-    threshold: float
-    model_name: str
-    trained: bool
-    device: str
-    dtype: str
-    seconds: float
-    warnings: list = field(default_factory=list)
-    from_cache: bool = False
-
-    @property
-    def prompts(self) -> list:
-        return list(self.request.prompts)
-
-    @property
-    def plane(self) -> str:
-        return self.request.plane
-
-    @property
-    def slice_range(self) -> tuple:
-        return self.request.slices
-
-    @property
-    def window(self) -> str:
-        return self.request.window.describe
-
-    def masks(self, threshold: float | None = None, post: postprocess.PostProcess | None = None) -> np.ndarray:
-        """Binary masks ``[P, K, J, I]`` at ``threshold`` with ``post`` (default: the request's);
-        re-thresholding is instant (no model run)."""
-        t = self.threshold if threshold is None else threshold
-        masks = postprocess.threshold(self.probabilities, t)
-        post = self.request.post if post is None else post
-        if post.active:
-            masks = np.stack([post(m) for m in masks])
-        return masks
-
-    def labelmap(self, threshold: float | None = None, post: postprocess.PostProcess | None = None) -> np.ndarray:
-        return postprocess.labelmap(self.masks(threshold, post), self.probabilities)
 
 
 @dataclass

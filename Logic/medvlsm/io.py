@@ -568,3 +568,62 @@ def read_seg_nrrd(path) -> Segmentation:
         masks.append(data[layer] == value)
         s += 1
     return Segmentation(np.asarray(masks, bool).reshape((len(masks),) + grid.shape), names, colors, grid)
+
+
+# ---- NRRD in memory: what a client and a server send each other ---------------------------------
+
+def nrrd_bytes(grid: Volume, array: np.ndarray | None = None, fields: dict | None = None) -> bytes:
+    """An array on ``grid`` as gzip NRRD bytes with the grid's geometry (LPS): ``[K, J, I]``, an RGB
+    ``[K, J, I, C]`` or layers ``[L, K, J, I]`` (``layers=True`` in the kinds); ``fields``: extra text fields."""
+    import io as stdio
+
+    import nrrd
+
+    array = grid.array if array is None else np.ascontiguousarray(array)
+    directions = (grid.direction @ np.diag(grid.spacing)).T  # rows: i, j, k steps in LPS mm
+    layers = array.ndim == 4 and array.shape[1:] == grid.shape
+    header = {"space": "left-posterior-superior", "space origin": np.asarray(grid.origin, float),
+              "encoding": "gzip", **{f"MedVLSM_{k}": str(v) for k, v in (fields or {}).items()}}
+    if array.ndim == 3:
+        header.update(kinds=["domain"] * 3, **{"space directions": directions})
+    elif layers:  # the slowest axis in C order is the last in NRRD's
+        header.update(kinds=["domain"] * 3 + ["list"], **{"space directions": np.vstack([directions, np.full(3, np.nan)])})
+    else:
+        header.update(kinds=["vector"] + ["domain"] * 3, **{"space directions": np.vstack([np.full(3, np.nan), directions])})
+    out = stdio.BytesIO()
+    nrrd.write(out, array, header, index_order="C", compression_level=1)
+    return out.getvalue()
+
+
+def from_nrrd_bytes(data: bytes, max_voxels: int, source: str = "upload") -> tuple[Volume, np.ndarray, dict]:
+    """The inverse of ``nrrd_bytes``: ``(grid, array, fields)``; ``grid.array is array`` for a volume,
+    layers ``[L, K, J, I]`` come on a grid of ``[K, J, I]``. Anything else, or more than ``max_voxels``
+    values (checked before decompressing), is an ``InputError``."""
+    import io as stdio
+
+    import nrrd
+
+    stream = stdio.BytesIO(data)
+    try:
+        header = nrrd.read_header(stream)
+        sizes = [int(s) for s in header["sizes"]]
+        if int(np.prod(sizes, dtype=np.int64)) > max_voxels:
+            raise InputError(f"{source} holds {np.prod(sizes, dtype=np.int64)} values, more than this server "
+                             f"accepts ({max_voxels})", "Send a smaller volume or raise the server's limit")
+        if header.get("space", "left-posterior-superior") != "left-posterior-superior" or len(sizes) not in (3, 4):
+            raise ValueError("not an LPS 3D or 4D NRRD")
+        array = nrrd.read_data(header, stream, index_order="C")
+        dirs = np.asarray(header["space directions"], float)
+    except InputError:
+        raise
+    except Exception as e:  # pynrrd raises many types for damaged or foreign bytes
+        raise InputError(f"{source} is not a volume in NRRD format ({e.__class__.__name__}: {str(e)[:120]})",
+                         "Send what medvlsm.io.nrrd_bytes writes") from e
+    dirs = dirs[~np.isnan(dirs).any(axis=1)]
+    spacing = np.linalg.norm(dirs, axis=1)
+    fields = {k[len("MedVLSM_"):]: v for k, v in header.items() if k.startswith("MedVLSM_")}
+    layers = header.get("kinds", [""])[-1] == "list"
+    voxels = np.broadcast_to(np.uint8(0), array.shape[1:]) if layers else array  # a grid without memory
+    grid = Volume(voxels, tuple(spacing), tuple(np.asarray(header["space origin"], float)),
+                  (dirs / spacing[:, None]).T, source)
+    return grid, array, fields

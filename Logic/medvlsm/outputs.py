@@ -11,7 +11,6 @@ from pathlib import Path
 
 from . import io
 from .errors import InputError
-from .postprocess import labelmap
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,11 @@ class Outputs:
             raise InputError(f"--overlay {self.overlay} must be a .png file", "Give a path ending in .png")
         return extensions
 
-    def write(self, volume, result, masks) -> None:
-        """``masks [P, K, J, I]`` of ``result`` on ``volume``'s grid into every file; each file is
-        complete or untouched (``io.written``). Untrained weights are marked in every file."""
+    def write(self, volume, result):
+        """``result``'s masks ``[P, K, J, I]`` (its request's threshold and post-processing) on
+        ``volume``'s grid into every file; each file is complete or untouched (``io.written``).
+        Untrained weights are marked in every file. Returns the masks."""
+        masks = result.masks()
         note = "" if result.trained else f"UNTRAINED WEIGHTS ({result.model_name}): pipeline check, not a segmentation"
         for output in self.files:
             ext = io.extension(output)
@@ -48,7 +49,7 @@ class Outputs:
             elif ext == ".dcm":
                 io.written(output, io.write_dicom_seg, volume, masks, result.prompts, output, result.model_name, note)
             else:
-                io.written(output, io.write_labelmap, volume, labelmap(masks, result.probabilities), output, note)
+                io.written(output, io.write_labelmap, volume, result.labelmap(masks=masks), output, note)
         if self.probabilities:
             io.written(self.probabilities, io.write_probabilities, volume, result.probabilities, self.probabilities,
                        note)
@@ -60,3 +61,4 @@ class Outputs:
                 title = "UNTRAINED WEIGHTS (pipeline check, not a segmentation) - " + title
             style = OverlayStyle(plane=result.plane, window=result.request.window, title=title)
             save_overlay(volume, masks, result.prompts, self.overlay, style)
+        return masks

@@ -1,0 +1,151 @@
+"""The client of ``medvlsm serve`` (standard library only: it runs in Slicer's Python as it is).
+
+``Client(url, token).segment(volume, request)`` uploads the volume once (the server keeps it, keyed
+by its fingerprint), sends the request, follows the progress, cancels on request, and returns a
+``RemoteResult``: the server's masks and labelmap at the request's threshold (the bytes a local run
+makes) and its probabilities as uint8 for re-thresholding, on the volume's own grid (checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from . import io
+from .errors import Cancelled, InputError, MedVLSMError
+from .postprocess import PostProcess, threshold as cut
+from .result import SegmentationResult
+
+POLL_S = 0.05
+
+
+def read_token(path) -> str | None:
+    """This computer's token from a file holding it alone (or as 'name token'); None for no file."""
+    if not path:
+        return None
+    from pathlib import Path
+
+    try:
+        lines = [line.split()[-1] for line in Path(path).read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.startswith("#")]
+    except OSError as e:
+        raise InputError(f"Cannot read the token file {path} ({e.__class__.__name__})", "Check the path") from e
+    if len(lines) != 1:
+        raise InputError(f"{path} should hold one token", "Put this computer's token alone in the file")
+    return lines[0]
+
+
+class ServerError(MedVLSMError):
+    """The server refused or failed; the message is its one-line reason."""
+
+
+@dataclasses.dataclass
+class RemoteResult(SegmentationResult):
+    """A ``SegmentationResult`` from a server. ``probabilities`` are the server's uint8 / 255 (one
+    quantisation step, 1/255, from its float32); ``masks()`` at the request's own threshold and
+    post-processing are the server's masks, byte for byte; any other threshold re-cuts here."""
+
+    exact_masks: np.ndarray | None = None
+    exact_labelmap: np.ndarray | None = None
+
+    def _as_requested(self, threshold, post) -> bool:
+        return (threshold is None or threshold == self.threshold) and (post is None or post == self.request.post)
+
+    def masks(self, threshold: float | None = None, post: PostProcess | None = None) -> np.ndarray:
+        if self._as_requested(threshold, post):
+            return self.exact_masks.astype(bool)
+        masks = cut(self.probabilities, self.threshold if threshold is None else threshold)
+        post = self.request.post if post is None else post
+        return np.stack([post(m) for m in masks]) if post.active else masks
+
+    def labelmap(self, threshold: float | None = None, post: PostProcess | None = None, masks=None) -> np.ndarray:
+        if self._as_requested(threshold, post):
+            return self.exact_labelmap
+        return super().labelmap(threshold, post, masks)
+
+
+class Client:
+    """One server. ``token``: the bearer token (None: a localhost server without authentication)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0):
+        if not url.startswith(("http://", "https://")):
+            raise InputError(f"Server address {url!r} is not a URL", "Write e.g. http://gpu-server:8765")
+        self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
+
+    def _call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
+        headers = {"Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        call = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(call, timeout=self.timeout_s) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            if method == "HEAD" and e.code == 404:
+                return 404, b""
+            try:
+                reason = json.loads(e.read() or b"{}").get("detail", "")
+            except ValueError:
+                reason = ""
+            raise ServerError(f"The server answered {e.code}: {reason or e.reason}",
+                              "Check the server address, token and request" if e.code != 401 else
+                              "Check the token (Settings: server token file)") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise ServerError(f"Cannot reach the server at {self.url} ({getattr(e, 'reason', e)})",
+                              "Check the address, that `medvlsm serve` runs there and that the network allows it") from e
+
+    def models(self) -> dict:
+        return json.loads(self._call("GET", "/models")[1])
+
+    def upload(self, volume) -> str:
+        """The volume's key on the server; uploaded only if the server does not hold it yet."""
+        key = volume.fingerprint()
+        if self._call("HEAD", f"/volumes/{key}")[0] != 200:
+            self._call("PUT", f"/volumes/{key}", io.nrrd_bytes(volume), "application/octet-stream")
+        return key
+
+    def start(self, volume, request, model: str | None = None) -> str:
+        key = self.upload(volume)
+        request = dataclasses.replace(request, volume=key)  # the server's feature cache is keyed on it
+        body = json.dumps({"volume": key, "request": json.loads(request.to_json()), "model": model}).encode()
+        return json.loads(self._call("POST", "/jobs", body)[1])["job"]
+
+    def segment(self, volume, request, model: str | None = None, *, progress=None, cancel=None) -> RemoteResult:
+        """Run ``request`` on ``volume`` there; ``progress(done, total)`` while it runs; ``cancel()``
+        returning True cancels it there and raises ``Cancelled``."""
+        job = self.start(volume, request, model)
+        while True:
+            status = json.loads(self._call("GET", f"/jobs/{job}")[1])
+            if progress is not None and status["total"]:
+                progress(status["done"], status["total"])
+            if status["state"] in ("done", "failed", "cancelled"):
+                break
+            if cancel is not None and cancel():
+                self._call("DELETE", f"/jobs/{job}")
+                raise Cancelled()
+            time.sleep(POLL_S)
+        if status["state"] == "cancelled":
+            raise Cancelled(status["error"])
+        if status["state"] == "failed":
+            raise ServerError(f"The server could not segment: {status['error']}", "See the message; fix and run again")
+        return self._result(volume, request, job)
+
+    def _result(self, volume, request, job: str) -> RemoteResult:
+        layers = {}
+        for kind in ("probabilities", "masks", "labelmap"):
+            grid, array, facts = io.from_nrrd_bytes(self._call("GET", f"/jobs/{job}/{kind}")[1],
+                                                    max_voxels=2**40, source=f"the server's {kind}")
+            if not grid.same_grid(volume) or array.shape[-3:] != volume.shape:
+                raise ServerError("The server's result is not on the volume's grid", "Report this server")
+            layers[kind] = array
+        return RemoteResult(
+            grid=volume, request=request, probabilities=layers["probabilities"].astype(np.float32) / 255.0,
+            threshold=float(facts["threshold"]), model_name=facts["model"], trained=facts["trained"] == "True",
+            device=f"{facts['device']} on {self.url}", dtype=facts["dtype"], seconds=float(facts["seconds"]),
+            warnings=json.loads(facts["warnings"]), from_cache=facts["from_cache"] == "True",
+            exact_masks=layers["masks"], exact_labelmap=layers["labelmap"])

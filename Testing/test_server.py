@@ -1,0 +1,161 @@
+"""`medvlsm serve` over real HTTP on localhost (uvicorn in a thread, the tiny model), its client and
+the CLI's --server: the same masks as a local run, the geometry checked, and the security rules."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import blobs
+
+from medvlsm import io
+from medvlsm.cli import main
+from medvlsm.client import Client, ServerError
+from medvlsm.engine import Engine
+from medvlsm.errors import Cancelled, InputError
+from medvlsm.postprocess import PostProcess
+from medvlsm.request import plan
+from medvlsm.server import ServerConfig, create_app, read_tokens
+from medvlsm.volume import Volume
+
+TOKENS = {"alice-token-0123456789": "alice", "bob-token-0123456789ab": "bob"}
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on a free localhost port, in a thread, for the length of a test module."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = "http://127.0.0.1:%d" % self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    config = ServerConfig(models={"tiny": str(tiny_model_dir)}, tokens=TOKENS, device="cpu",
+                          max_upload_bytes=200_000, job_timeout_s=60)
+    live = LiveServer(create_app(config))
+    yield live
+    live.stop()
+
+
+def ct(shape=(6, 40, 44), seed=0):
+    return Volume(blobs(shape, seed=seed), (0.8, 0.7, 2.5), (10.0, -20.0, 5.0),
+                  np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float))  # slices are not the array's first axis
+
+
+def test_server_masks_equal_a_local_run_and_reprompts_use_its_cache(served, tiny_model):
+    volume = ct()
+    request = plan(volume, ["liver", "spleen"], plane="coronal", threshold=0.5, post=PostProcess(keep_largest=True))
+    local = Engine(tiny_model, device="cpu").segment(volume, request)
+    remote = Client(served.url, "alice-token-0123456789").segment(volume, request, "tiny")
+    assert remote.grid is volume and remote.prompts == local.prompts == ["liver", "spleen"]
+    np.testing.assert_array_equal(remote.masks(), local.masks())  # the same bytes as here
+    assert np.abs(remote.probabilities - local.probabilities).max() <= 0.5 / 255 + 1e-6  # uint8 on the wire
+    for t in (0.2, 0.5, 0.8):  # re-cut at any threshold: within one quantisation step of the float32 cut
+        differ = remote.masks(t) != local.masks(t, request.post)
+        assert not differ.any() or np.abs(local.probabilities[differ] - t).max() <= 1 / 255
+    again = Client(served.url, "alice-token-0123456789").segment(volume, plan(volume, ["kidney"], plane="coronal"))
+    assert again.from_cache  # the volume was held and its image features cached: the decoder only
+
+
+def test_cancel_stops_the_run_on_the_server(served):
+    client = Client(served.url, "alice-token-0123456789")
+    volume = ct((60, 40, 44), seed=3)
+    calls = []
+    with pytest.raises(Cancelled):
+        client.segment(volume, plan(volume, ["liver"]), progress=lambda d, t: calls.append(d),
+                       cancel=lambda: True)
+
+
+def _call(url, method="GET", body=None, token=None, content_type="application/json"):
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers, method=method), timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_no_or_a_wrong_token_is_401_and_oversize_is_413(served):
+    assert _call(served.url + "/models")[0] == 401
+    assert _call(served.url + "/models", token="alice-token-012345678X")[0] == 401
+    assert json.loads(_call(served.url + "/models", token="bob-token-0123456789ab")[1])["models"] == ["tiny"]
+    big = Volume(np.random.default_rng(0).integers(0, 4000, (40, 64, 64)).astype(np.int16))  # noise: ~250 kB gzip
+    status, body = _call(f"{served.url}/volumes/{big.fingerprint()}", "PUT", io.nrrd_bytes(big),
+                         "alice-token-0123456789", "application/octet-stream")
+    assert status == 413 and b"accepts" in body
+
+
+def test_malformed_requests_are_422_with_one_line(served):
+    client = Client(served.url, "alice-token-0123456789")
+    volume = ct()
+    key = client.upload(volume)
+    request = json.loads(plan(volume, ["liver"], cache_key=key).to_json())
+    for bad, reason in (({"volume": key, "request": {**request, "plane": "oblique"}}, b"Malformed"),
+                        ({"volume": key, "request": request, "model": "/etc/passwd"}, b"not served here"),
+                        ({"volume": key, "request": request, "model": "../models/tiny"}, b"not served here"),
+                        ({"volume": key}, b"request: Field required"),
+                        ({"volume": key, "request": {**request, "shape": [1, 2, 3]}}, b"planned for")):
+        status, body = _call(served.url + "/jobs", "POST", json.dumps(bad).encode(), "alice-token-0123456789")
+        assert status == 422 and reason in body and b"\n" not in json.loads(body)["detail"].encode()
+    status, body = _call(f"{served.url}/volumes/{key}", "PUT", b"not a volume", "alice-token-0123456789")
+    assert status == 422 and b"NRRD" in body
+
+
+def test_two_clients_never_see_each_others_volumes_or_jobs(served):
+    alice, bob = Client(served.url, "alice-token-0123456789"), Client(served.url, "bob-token-0123456789ab")
+    volume = ct(seed=5)
+    job = alice.start(volume, plan(volume, ["liver"]))
+    assert _call(f"{served.url}/volumes/{volume.fingerprint()}", "HEAD", token="bob-token-0123456789ab")[0] == 404
+    for path in (f"/jobs/{job}", f"/jobs/{job}/masks"):
+        assert _call(served.url + path, token="bob-token-0123456789ab")[0] == 404
+    assert _call(f"{served.url}/jobs/{job}", "DELETE", token="bob-token-0123456789ab")[0] == 404
+    with pytest.raises(ServerError, match="404"):  # bob's request on alice's volume: he must upload it himself
+        key = volume.fingerprint()
+        body = json.dumps({"volume": key, "request": json.loads(plan(volume, ["x"], cache_key=key).to_json())})
+        bob._call("POST", "/jobs", body.encode())
+
+
+def test_the_openapi_schema_is_published(served):
+    status, body = _call(served.url + "/openapi.json")
+    paths = json.loads(body)["paths"]
+    assert status == 200 and {"/jobs", "/volumes/{key}", "/jobs/{job_id}"} <= set(paths)
+
+
+def test_cli_segment_through_the_server_writes_what_a_local_run_writes(served, tiny_model_dir, tmp_path, capsys):
+    volume = ct()
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "ct.nrrd"))
+    (tmp_path / "token").write_text("alice-token-0123456789\n", encoding="utf-8")
+    common = ["--quiet", "segment", str(tmp_path / "ct.nrrd"), "-p", "liver", "-p", "spleen", "--axis", "sagittal"]
+    assert main(common + ["--model", str(tiny_model_dir), "--device", "cpu", "-o", str(tmp_path / "local.nii.gz")]) == 0
+    assert main(common + ["--server", served.url, "--token-file", str(tmp_path / "token"), "--model", "tiny",
+                          "-o", str(tmp_path / "remote.nii.gz")]) == 0
+    a, b = (sitk.ReadImage(str(tmp_path / f"{n}.nii.gz")) for n in ("local", "remote"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    assert a.GetDirection() == b.GetDirection() and a.GetOrigin() == b.GetOrigin()
+    assert main(common + ["--server", served.url, "-o", str(tmp_path / "x.nii.gz")]) == 2
+    assert "401" in capsys.readouterr().err
+
+
+def test_serving_beyond_this_computer_needs_tokens(tmp_path):
+    with pytest.raises(InputError, match="token"):
+        ServerConfig(models={"tiny": "x"}, host="0.0.0.0").check()
+    (tmp_path / "tokens").write_text("# clients\nalice short\n", encoding="utf-8")
+    with pytest.raises(InputError, match="16 or more"):
+        read_tokens(tmp_path / "tokens")
+    (tmp_path / "tokens").write_text("alice a-token-of-enough-length\n", encoding="utf-8")
+    assert read_tokens(tmp_path / "tokens") == {"a-token-of-enough-length": "alice"}
