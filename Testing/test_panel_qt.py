@@ -284,3 +284,32 @@ def test_the_panel_shows_the_settings_of_a_loaded_scene(panel):
     assert panel.ui["planeCombo"].currentText() == "coronal" and panel.ui["minSizeSpin"].value() == 50
     assert panel.ui["modifyOthersCheck"].isChecked()
     assert events == []  # showing the settings does not write them back half-updated
+
+
+def test_compute_on_a_server_previews_and_applies_like_a_local_run(panel, tiny_model_dir):
+    """Compute: a `medvlsm serve` URL (real HTTP on localhost, the same tiny model): the preview holds
+    the masks a local run makes, Apply writes them, and no model is loaded on this computer."""
+    from test_server import LiveServer
+
+    from medvlsm.server import ServerConfig, create_app
+
+    live = LiveServer(create_app(ServerConfig(models={"tiny-clipseg": str(tiny_model_dir)}, device="cpu")))
+    try:
+        volume = add_volume(panel.scene)
+        panel.c.refresh_nodes()
+        panel.ui["serverEdit"].setText(live.url)
+        panel.ui["promptsEdit"].setPlainText("liver\nspleen")  # typing prefetches nothing: the server encodes
+        panel.click("runButton")
+        panel.wait()
+        assert "Preview" in panel.ui["statusLabel"].text(), panel.ui["statusLabel"].text()
+        assert panel.loads == []  # the server ran it
+        remote = panel.session.last_result
+        local = panel.session.engine("tiny-clipseg", "cpu").segment(glue.volume_from_node(volume), remote.request)
+        np.testing.assert_array_equal(panel.session.preview.masks, local.masks())
+        panel.click("applyButton")
+        target = panel.c.selected_node("segmentationCombo")
+        segment_id = target.GetSegmentation().GetNthSegmentID(0)
+        np.testing.assert_array_equal(glue.read_segment(target, segment_id, volume), local.masks()[0])
+        assert Settings.load(panel.param).server == live.url
+    finally:
+        live.stop()

@@ -117,6 +117,7 @@ class PanelController:
         s.keep_largest, s.fill_holes = self._checked("keepLargestCheck"), self._checked("fillHolesCheck")
         s.min_voxels = int(self._value("minSizeSpin"))
         s.device = self._combo_text("deviceCombo")
+        s.server, s.server_token_file = self._text("serverEdit").strip(), self._text("tokenFileEdit").strip()
         s.overwrite = self._checked("overwriteCheck")
         s.modify_others = self._checked("modifyOthersCheck")
         if self.parameter_node is not None:
@@ -139,6 +140,8 @@ class PanelController:
         self.w("sliceStartSpin").setValue(s.slice_start)
         self.w("sliceStopSpin").setValue(s.slice_stop)
         self.w("minSizeSpin").setValue(s.min_voxels)
+        self.w("serverEdit").setText(s.server)
+        self.w("tokenFileEdit").setText(s.server_token_file)
         self.w("keepLargestCheck").setChecked(s.keep_largest)
         self.w("fillHolesCheck").setChecked(s.fill_holes)
         self.w("overwriteCheck").setChecked(s.overwrite)
@@ -226,6 +229,8 @@ class PanelController:
         if volume_node is None or self.running or (self.prefetch_job is not None and not self.prefetch_job.done):
             return
         settings = self.read_settings()
+        if settings.server:  # the server encodes when the request arrives; nothing to prepare here
+            return
         current = self.current_slice(volume_node, settings.plane)
         wanted = (Session.cache_key(volume_node), settings.model, settings.device, settings.plane, settings.window,
                   current)

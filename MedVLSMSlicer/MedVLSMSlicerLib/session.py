@@ -42,6 +42,8 @@ class Settings:
     overwrite: bool = False  # replace the same-named segment instead of adding "liver (2)"
     modify_others: bool = False  # let Apply overwrite other segments (Segment Editor's overwrite mode)
     window: str = "auto"
+    server: str = ""  # empty: this computer; else the URL of a `medvlsm serve` server
+    server_token_file: str = ""  # a path: the token itself never goes into the scene
 
     def post(self):
         from medvlsm.postprocess import PostProcess
@@ -225,6 +227,8 @@ class Session:
             raise InputError("No prompt", "Type what to segment, one structure per line")
         request = settings.request(volume, slices, cache_key)
         model, device = settings.model, settings.device
+        if settings.server:
+            return Job(self._remote_work(volume, request, settings))
 
         def work(job: Job):
             engine = self.engine(model, device, job)
@@ -234,6 +238,21 @@ class Session:
             return engine.segment(volume, request, progress=job.report, cancel=lambda: job.cancelled)
 
         return Job(work)
+
+    @staticmethod
+    def _remote_work(volume, request, settings: Settings):
+        """The same run on a ``medvlsm serve`` server: the volume is uploaded once, then each run sends
+        its request; the result comes back on the volume's grid (checked by the client)."""
+        from medvlsm.client import Client, read_token
+
+        client = Client(settings.server, read_token(settings.server_token_file))
+        model = settings.model if settings.model and "/" not in settings.model and "\\" not in settings.model else None
+
+        def work(job: Job):
+            job.phase = f"Sending the volume to {settings.server}..."
+            return client.segment(volume, request, model, progress=job.report, cancel=lambda: job.cancelled)
+
+        return work
 
     @staticmethod
     def cache_key(volume_node):
