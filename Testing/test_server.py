@@ -159,3 +159,29 @@ def test_serving_beyond_this_computer_needs_tokens(tmp_path):
         read_tokens(tmp_path / "tokens")
     (tmp_path / "tokens").write_text("alice a-token-of-enough-length\n", encoding="utf-8")
     assert read_tokens(tmp_path / "tokens") == {"a-token-of-enough-length": "alice"}
+
+
+def test_progress_streams_as_server_sent_events(served):
+    client = Client(served.url, "alice-token-0123456789")
+    volume = ct((12, 40, 44), seed=7)
+    job = client.start(volume, plan(volume, ["liver"]))
+    call = urllib.request.Request(f"{served.url}/jobs/{job}/events",
+                                  headers={"Authorization": "Bearer alice-token-0123456789"})
+    with urllib.request.urlopen(call, timeout=60) as stream:
+        events = [json.loads(line[6:]) for line in stream.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1]["state"] == "done" and events[-1]["done"] == events[-1]["total"] > 1
+    assert [e["done"] for e in events] == sorted(e["done"] for e in events)
+
+
+def test_a_stalled_upload_is_dropped_with_408(tiny_model_dir):
+    import socket
+
+    live = LiveServer(create_app(ServerConfig(models={"tiny": str(tiny_model_dir)}, device="cpu",
+                                              upload_idle_timeout_s=0.5)))
+    try:
+        host, port = live.url[len("http://"):].split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"PUT /volumes/abc HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"0" * 10)
+            assert s.recv(200).startswith(b"HTTP/1.1 408")
+    finally:
+        live.stop()

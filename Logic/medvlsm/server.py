@@ -8,7 +8,8 @@ The protocol (OpenAPI schema at ``/openapi.json``, interactive at ``/docs``):
   sends only its request;
 - ``POST /jobs``: ``{"volume": key, "request": Request JSON, "model": name or null}`` -> ``{"job": id}``;
   the run starts in the background;
-- ``GET /jobs/{id}``: state, progress, error; ``DELETE /jobs/{id}``: cancel (before the next batch);
+- ``GET /jobs/{id}``: state, progress, error (or ``/jobs/{id}/events``: the same as server-sent events);
+  ``DELETE /jobs/{id}``: cancel (before the next batch);
 - ``GET /jobs/{id}/probabilities``, ``/masks`` and ``/labelmap``: uint8 layers ``[P, K, J, I]`` or
   labels ``[K, J, I]`` as gzip NRRD with the grid and the run's facts (probabilities x 255, rounded;
   masks and labelmap at the request's threshold and post-processing: the bytes a local run makes).
@@ -22,6 +23,7 @@ bounded in bytes and time. TLS belongs to a reverse proxy in front (README).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -36,7 +38,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Response
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from . import io
@@ -63,6 +65,7 @@ class ServerConfig:
     volume_cache_bytes: int = 8 << 30
     volume_ttl_s: float = 3600.0
     job_timeout_s: float = 600.0
+    upload_idle_timeout_s: float = 60.0
     feature_cache_bytes: int = 4 << 30
 
     def check(self) -> None:
@@ -161,6 +164,14 @@ class ServerJob:
     def status(self) -> dict:
         done, total = self.progress
         return {"state": self.state, "done": done, "total": total, "error": self.error}
+
+
+def _volume_from_upload(body: bytes, key: str, max_voxels: int):
+    volume, _, _ = io.from_nrrd_bytes(body, max_voxels)
+    volume.validate()
+    if volume.fingerprint() != key:
+        raise InputError("The uploaded volume does not match its key", "Key a volume by Volume.fingerprint()")
+    return volume
 
 
 class JobIn(BaseModel):
@@ -266,15 +277,19 @@ def create_app(config: ServerConfig, runner=None):
             raise HTTPException(413, f"The upload is {declared >> 20} MB; this server accepts "
                                      f"{config.max_upload_bytes >> 20} MB")
         body = bytearray()
-        async for chunk in request.stream():
+        chunks = request.stream().__aiter__()
+        while True:
+            try:  # a client that stops sending mid-upload does not hold a connection forever
+                chunk = await asyncio.wait_for(chunks.__anext__(), config.upload_idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"The upload stalled for {config.upload_idle_timeout_s:g} s") from None
             body += chunk
             if len(body) > config.max_upload_bytes:
                 raise HTTPException(413, f"The upload exceeds {config.max_upload_bytes >> 20} MB")
-        volume, _, _ = io.from_nrrd_bytes(bytes(body), config.max_voxels)
-        volume.validate()
-        if volume.fingerprint() != key:
-            raise InputError("The uploaded volume does not match its key", "Key a volume by Volume.fingerprint()")
-        volumes.put(name, key, volume)
+        # decompressing and hashing a CT takes a moment: off the event loop, so other clients' polls go on
+        volumes.put(name, key, await asyncio.to_thread(_volume_from_upload, bytes(body), key, config.max_voxels))
         return {"volume": key}
 
     @app.post("/jobs")
@@ -300,6 +315,24 @@ def create_app(config: ServerConfig, runner=None):
     @app.get("/jobs/{job_id}")
     def job_status(job_id: str, name: str = Depends(client)):
         return own_job(job_id, name).status()
+
+    @app.get("/jobs/{job_id}/events")
+    async def job_events(job_id: str, name: str = Depends(client)):
+        """Progress as server-sent events, one per change, until the job ends."""
+        job = own_job(job_id, name)
+
+        async def events():
+            last = None
+            while True:
+                status = job.status()
+                if status != last:
+                    yield f"data: {json.dumps(status)}\n\n"
+                    last = status
+                if status["state"] in ("done", "failed", "cancelled"):
+                    return
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.delete("/jobs/{job_id}")
     def cancel_job(job_id: str, name: str = Depends(client)):
