@@ -249,3 +249,13 @@ def test_a_cohort_runs_every_volume_once_and_resumes(tmp_path, capsys, tiny_mode
     code, _, err = run(["segment", folder, "-p", "liver", "--model", tiny_model_dir, "-o", tmp_path / "x.seg.nrrd"],
                        capsys)
     assert code == 2 and "is a folder" in err
+
+
+def test_all_three_planes_from_the_command_line(ct_file, tmp_path, capsys, tiny_model_dir):
+    code, printed, _ = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "--axis", "all", "--fusion",
+                            "majority", "-o", tmp_path / "fused.seg.nrrd"], capsys)
+    assert code == 0 and "all three planes (majority)" in printed
+    assert io.read_seg_nrrd(tmp_path / "fused.seg.nrrd").grid.same_grid(io.read_image(ct_file))
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "--axis", "all", "--slices",
+                        "0:2", "-o", tmp_path / "x.seg.nrrd"], capsys)
+    assert code == 2 and "belongs to one plane" in err

@@ -288,3 +288,26 @@ def test_labelmap_follows_argmax_with_ties_to_the_earlier_prompt_in_little_memor
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak <= 8 * big[0].size  # bytes per voxel: a running maximum, not a float copy + int64 argmax
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "majority"])
+def test_all_three_planes_fuse_the_single_plane_results_on_the_grid(tiny_model, fusion):
+    """Each plane without resampling, fused voxel by voxel on a grid whose planes are not its array axes;
+    progress counts the three planes' slices; a re-prompt of every plane runs from the cache."""
+    from medvlsm.volume import PLANES
+
+    v = Volume(blobs((9, 22, 26), seed=2), (0.7, 0.9, 2.0), (5, 6, 7), np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float))
+    engine = Engine(tiny_model, device="cpu", precision="fp32", cache_bytes=1 << 28)
+    calls = []
+    fused = engine.segment(v, ["liver", "spleen"], plane="all", fusion=fusion, progress=lambda d, t: calls.append((d, t)))
+    single = np.stack([engine.segment(v, ["liver", "spleen"], plane=p).probabilities for p in PLANES])
+    expected = {"mean": single.mean(0), "max": single.max(0), "majority": (single > 0.5).mean(0)}[fusion]
+    np.testing.assert_allclose(fused.probabilities, expected, atol=1e-6)
+    assert fused.threshold == 0.5 and fused.plane == "all" and calls[-1] == (sum(v.shape), sum(v.shape))
+    assert engine.segment(v, ["kidney"], plane="all", fusion=fusion).from_cache
+    with pytest.raises(InputError, match="belongs to one plane"):
+        plan(v, ["liver"], plane="all", slices=(0, 2))
+    with pytest.raises(InputError, match="Unknown fusion"):
+        plan(v, ["liver"], plane="all", fusion="median")
+    request = plan(v, ["liver"], plane="all", fusion=fusion)
+    assert type(request).from_json(request.to_json()) == request

@@ -40,17 +40,17 @@ def test_loss_is_dice_plus_bce_on_logits():
 
 
 def test_learning_happens_and_the_text_matters(tmp_path, capsys):
-    """Small CLIPSeg from random weights, CPU, ~1-2 minutes: each prompt finds its own object."""
+    """Small CLIPSeg from random weights, the defaults, 15 epochs on the CPU (~2 minutes): each prompt
+    finds its own object and leaves the other (Dice >= 0.8 and <= 0.2)."""
     data = tmp_path / "data"
     entries = two_object_images(data, 140, seed=0)
     train, val, test = entries[:200], entries[200:240], entries[240:]
     write_split(tmp_path, "train", train)
     write_split(tmp_path, "val", val)
-    assert main(["init", "--size", "small", "--input-size", "160", "--output", str(tmp_path / "small")]) == 0
+    assert main(["init", "--size", "small", "--output", str(tmp_path / "small")]) == 0
     code = main(["--quiet", "finetune", "--train", str(tmp_path / "train.json"), "--val", str(tmp_path / "val.json"),
                  "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tmp_path / "small"),
-                 "--output", str(tmp_path / "ft"), "--prompt-type", "p3", "--epochs", "45", "--lr", "1e-3",
-                 "--precision", "fp32"])
+                 "--output", str(tmp_path / "ft"), "--prompt-type", "p3", "--epochs", "15"])
     assert code == 0, capsys.readouterr().err
     rows = log_rows(tmp_path / "ft")
     print("val Dice per epoch:", [round(float(r["val_dice"]), 3) for r in rows])
@@ -74,7 +74,7 @@ def test_learning_happens_and_the_text_matters(tmp_path, capsys):
     for prompt in own:
         print(prompt, "own", np.mean(own[prompt]), "other", np.mean(other[prompt]))
         assert np.mean(own[prompt]) >= 0.8
-        assert np.mean(other[prompt]) < 0.3
+        assert np.mean(other[prompt]) <= 0.2
 
 
 def tiny_samples(model, count=8, size=48):
@@ -164,6 +164,9 @@ def test_volumes_and_segmentations_become_slices_with_empty_ones(tmp_path, tiny_
     samples = training.samples_from_volumes(pairs[:1], tiny_model.spec, empty_fraction=0.5)
     present = [s for s in samples if s.mask.any()]
     assert len(present) == 4 and len(samples) == 6  # 4 slices with liver + half as many without
+    every_plane = training.samples_from_volumes(pairs[:1], tiny_model.spec, plane="all", empty_fraction=0)
+    assert sorted({s.name.split(":")[2] for s in every_plane}) == ["axial", "coronal", "sagittal"]
+    assert len(every_plane) == 4 + 12 + 12  # the liver's slices in each plane: 4 axial, 12 coronal, 12 sagittal
     assert present[0].prompts["p1"] == "liver" and present[0].prompts["p5"].startswith("one ")
     folder = tmp_path / "model"
     tiny_model.save_pretrained(folder)

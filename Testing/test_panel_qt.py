@@ -313,3 +313,21 @@ def test_compute_on_a_server_previews_and_applies_like_a_local_run(panel, tiny_m
         assert Settings.load(panel.param).server == live.url
     finally:
         live.stop()
+
+
+def test_all_three_planes_in_the_panel(panel):
+    """Planes: all three (3x time): the whole volume only, then a preview on the volume's voxels."""
+    volume = add_volume(panel.scene)
+    panel.c.refresh_nodes()
+    panel.ui["planeCombo"].setCurrentIndex(panel.ui["planeCombo"].findText("all three (3x time)"))
+    panel.ui["scopeCombo"].setCurrentIndex(panel.ui["scopeCombo"].findText("current slice"))
+    panel.ui["promptsEdit"].setPlainText("liver")
+    panel.click("runButton")
+    assert "belongs to one plane" in panel.ui["statusLabel"].text() and not panel.c.running
+    panel.ui["scopeCombo"].setCurrentIndex(panel.ui["scopeCombo"].findText("whole volume"))
+    panel.click("runButton")
+    panel.wait()
+    result = panel.session.last_result
+    assert result.plane == "all" and Settings.load(panel.param).plane == "all"
+    np.testing.assert_array_equal(panel.session.preview.masks, result.masks())
+    assert result.grid.same_grid(glue.volume_from_node(volume))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import Cancelled, InputError, MedVLSMError, ModelError
 from .models.architectures import ARCHITECTURES, converters
+from .request import ALL_PLANES, FUSIONS
 from .volume import PLANES
 
 log = logging.getLogger("medvlsm")
@@ -95,8 +96,11 @@ def _join_negative_values(argv: list) -> list:
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name (see `medvlsm models`) or a model folder; "
                    "default: the registry's default (clipseg-rd64-refined)")
-    p.add_argument("--axis", "--plane", dest="axis", choices=PLANES, default=None,
-                   help="anatomical plane to slice along (default: axial; the acquisition plane for 2D images)")
+    p.add_argument("--axis", "--plane", dest="axis", choices=(*PLANES, ALL_PLANES), default=None,
+                   help="anatomical plane to slice along (default: axial; the acquisition plane for 2D images); "
+                   "all: each of the three, fused (3x the time)")
+    p.add_argument("--fusion", choices=FUSIONS, default="mean",
+                   help="how --axis all fuses the planes: mean or max of the probabilities, or majority vote")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 where the hardware supports it natively, else fp32")
@@ -186,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--masks", help="mask folder of --train/--val")
     ft.add_argument("--volumes", help="folder of volumes (NIfTI/NRRD ...) instead of --train")
     ft.add_argument("--segmentations", help="folder of .seg.nrrd / labelmaps named like the volumes")
-    ft.add_argument("--plane", default="axial", choices=PLANES, help="slicing plane (volumes)")
+    ft.add_argument("--plane", default="axial", choices=(*PLANES, ALL_PLANES),
+                    help="slicing plane (volumes); all: slices of the three planes, so one model serves --axis all")
     ft.add_argument("--empty-fraction", type=float, default=0.1,
                     help="slices without the structure kept, as a fraction of those with it (volumes; default 0.1)")
     ft.add_argument("--val-fraction", type=float, default=0.2, help="volumes held out for validation (default 0.2)")
@@ -194,15 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--output", "-o", required=True, help="folder for the finetuned model, card and curves")
     ft.add_argument("--prompt-type", nargs="+", default=["p1"], help="p0..p9 (several: one drawn per sample) or random")
     ft.add_argument("--epochs", type=_positive_int, default=50)
-    ft.add_argument("--batch-size", type=_positive_int, default=16)
+    ft.add_argument("--recipe", choices=("default", "paper"), default="default",
+                    help="default: batch 16 and the learning rate measured to learn the prompts (README); paper: "
+                    "the paper's batch size and learning rate per architecture")
+    ft.add_argument("--batch-size", type=_positive_int, default=0, help="default: the recipe's (16; paper: 128 / 32)")
     ft.add_argument("--label-names", nargs="+", default=None, metavar="VALUE=NAME",
                     help="names (= prompts) of labelmap values, e.g. 1=liver 2=spleen (default: a Slicer colour "
                     "table NAME.ctbl/.txt beside each labelmap)")
-    ft.add_argument("--lr", type=_positive_float, default=0.0, help="learning rate (default: the paper's for the "
-                    "architecture: " + ", ".join(f"{a.title} {a.paper_lr:g}" for a in ARCHITECTURES.values()) + ")")
+    ft.add_argument("--lr", type=_positive_float, default=0.0, help="learning rate (default: the recipe's for the "
+                    "architecture: " + ", ".join(f"{a.title} {a.lr or a.paper_lr:g} (paper {a.paper_lr:g})"
+                                                for a in ARCHITECTURES.values()) + ")")
     ft.add_argument("--freeze", default="none", choices=["none", "encoders", "text"])
     ft.add_argument("--device", default="auto")
-    ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 on GPUs that support it, fp32 on CPUs")
     ft.add_argument("--resize", default=None, choices=["letterbox", "stretch"],
                     help="default: stretch for 2D images (the paper), letterbox for volumes")
     ft.add_argument("--patience", type=int, default=20, help="early stopping on validation Dice (epochs)")
@@ -295,7 +305,7 @@ def run_segmentation(args, input_path, prompts, outputs, runner=None):
     outputs.check(input_path, volume)
     post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)
     request = plan(volume, prompts, plane=args.axis, slices=_parse_slices(args.slices), window=args.window,
-                   resize=args.resize, threshold=args.threshold, post=post)
+                   resize=args.resize, threshold=args.threshold, post=post, fusion=args.fusion)
     update, close = _progress_bar(args.quiet, "segmenting")
     try:
         result = (runner or _runner(args))(volume, request, update)
@@ -306,7 +316,8 @@ def run_segmentation(args, input_path, prompts, outputs, runner=None):
     counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels ({m.sum() * voxel_ml:.1f} mL)"
                        for p, m in zip(result.prompts, masks))
     n = result.slice_range[1] - result.slice_range[0]
-    print(f"{counts} | {n} {result.plane} slices in {result.seconds:.1f} s on {result.device} ({result.dtype}) "
+    planes = f"{result.plane} slices" if result.plane != ALL_PLANES else f"slices of all three planes ({result.request.fusion})"
+    print(f"{counts} | {n} {planes} in {result.seconds:.1f} s on {result.device} ({result.dtype}) "
           f"| window {result.window} -> {', '.join(str(o) for o in outputs.files)}")
     return result
 
@@ -592,7 +603,7 @@ def cmd_finetune(args):
         val = training.samples_from_annotations(read_annotations(args.val, args.images, args.masks), spec, resize)
     else:
         raise InputError("No training data", "Give --train/--val with --images/--masks, or --volumes with --segmentations")
-    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, recipe=args.recipe,
                                   prompt_types=args.prompt_type, freeze=args.freeze, seed=args.seed,
                                   patience=args.patience, precision=args.precision,
                                   max_steps_per_epoch=args.max_steps_per_epoch, resize=resize, device=args.device,

@@ -15,6 +15,7 @@ Segment Editor effect and evaluation:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,9 +29,9 @@ import torch
 from .errors import Cancelled, InputError
 from .models.base import VLSM
 from .preprocess import Letterbox, to_model_input
-from .request import Request, plan
+from .request import ALL_PLANES, Request, plan
 from .result import SegmentationResult
-from .volume import SliceView, Volume
+from .volume import PLANES, SliceView, Volume
 
 log = logging.getLogger("medvlsm")
 
@@ -229,20 +230,14 @@ class Engine:
         spec = self.model.spec
         prompts = list(request.prompts)
         warnings = list(request.warnings) + self.model.truncation_warnings(prompts)
-        fp = self._plan_features(volume, request)
         text = self.encode_text(prompts)
-        probabilities = np.zeros((len(prompts),) + volume.shape, np.float32)
-        targets = [fp.view.view(probabilities[p]) for p in range(len(prompts))]
-        start, stop = request.slices
-        with torch.inference_mode(), self._autocast():
-            for s, e, features in self._features(volume, request, fp, cancel):
-                logits = self.model.decode(features, text)
-                probs = torch.sigmoid(fp.box.restore(logits)).cpu().numpy()
-                del features, logits  # free this batch's activations before the next one is encoded
-                for p in range(len(prompts)):
-                    targets[p][s:e] = probs[:, p]
-                if progress is not None:
-                    progress(e - start, stop - start)
+        threshold = spec.threshold if request.threshold is None else request.threshold
+        if request.plane == ALL_PLANES:
+            probabilities, from_cache = self._fused(volume, request, text, threshold, (progress, cancel))
+            threshold = 0.5 if request.fusion == "majority" else threshold  # two of three planes
+        else:
+            probabilities = np.zeros((len(prompts),) + volume.shape, np.float32)
+            from_cache = self._one_plane(volume, request, text, probabilities, progress, cancel)
         if not spec.trained:
             warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
         for w in warnings:
@@ -250,8 +245,46 @@ class Engine:
                 self._warned.add(w)
                 log.warning(w)
         return SegmentationResult(
-            grid=volume, request=request, probabilities=probabilities,
-            threshold=spec.threshold if request.threshold is None else request.threshold, model_name=spec.name,
+            grid=volume, request=request, probabilities=probabilities, threshold=threshold, model_name=spec.name,
             trained=spec.trained, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
-            seconds=time.perf_counter() - start_time, warnings=warnings, from_cache=fp.cached is not None,
+            seconds=time.perf_counter() - start_time, warnings=warnings, from_cache=from_cache,
         )
+
+    def _one_plane(self, volume, request: Request, text, out: np.ndarray, progress, cancel) -> bool:
+        """The request's slices of its plane into ``out [P, K, J, I]``; True if every feature was cached."""
+        fp = self._plan_features(volume, request)
+        targets = [fp.view.view(out[p]) for p in range(len(out))]
+        start, stop = request.slices
+        with torch.inference_mode(), self._autocast():
+            for s, e, features in self._features(volume, request, fp, cancel):
+                logits = self.model.decode(features, text)
+                probs = torch.sigmoid(fp.box.restore(logits)).cpu().numpy()
+                del features, logits  # free this batch's activations before the next one is encoded
+                for p in range(len(out)):
+                    targets[p][s:e] = probs[:, p]
+                if progress is not None:
+                    progress(e - start, stop - start)
+        return fp.cached is not None
+
+    def _fused(self, volume, request: Request, text, threshold: float, callbacks) -> tuple[np.ndarray, bool]:
+        """Each plane in turn (its own feature cache), fused on the volume's grid as ``request.fusion``
+        says; two arrays of ``[P, K, J, I]`` at a time."""
+        progress, cancel = callbacks
+        fused = np.zeros((len(request.prompts),) + volume.shape, np.float32)
+        plane_out = np.empty_like(fused)
+        done, all_cached = 0, True
+        for plane in PLANES:
+            count = SliceView(volume, plane).num_slices
+            report = None if progress is None else (lambda d, t, before=done: progress(before + d, request.slices[1]))
+            plane_request = dataclasses.replace(request, plane=plane, slices=(0, count))
+            all_cached &= self._one_plane(volume, plane_request, text, plane_out, report, cancel)
+            if request.fusion == "max":
+                np.maximum(fused, plane_out, out=fused)
+            elif request.fusion == "majority":
+                fused += plane_out > threshold
+            else:
+                fused += plane_out
+            done += count
+        if request.fusion != "max":
+            fused /= len(PLANES)
+        return fused, all_cached

@@ -19,6 +19,8 @@ from .volume import PLANES, SliceView, Volume, default_plane
 from .window import IntensityWindow, choose_window
 
 RESIZE_MODES = ("letterbox", "stretch")
+ALL_PLANES = "all"  # each of the three planes, fused on the volume's grid
+FUSIONS = ("mean", "max", "majority")
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,16 @@ class Request:
             keys the engine's image-feature cache. Empty: the engine hashes the content if it caches.
         shape: ``[K, J, I]`` of the volume it was planned for.
         prompts: the cleaned prompts, one segment each.
-        plane: axial / coronal / sagittal.
-        slices: ``(start, stop)`` in display order of ``plane``.
+        plane: axial / coronal / sagittal, or ``all``: each of them, the probabilities fused.
+        slices: ``(start, stop)`` in display order of ``plane``; for ``all``, ``(0, the three planes'
+            slices together)``.
         window: the intensity window chosen for the volume.
         resize: ``letterbox`` / ``stretch``; ``None``: as the model was trained (else letterbox).
         threshold: probability threshold; ``None``: the model's.
         post: 3D clean-up of the masks.
         warnings: what the user should know about the prompts.
+        fusion: how ``all`` fuses the planes: ``mean`` / ``max`` of the probabilities, or ``majority``
+            (the fraction of planes above the threshold, cut at one half).
     """
 
     volume: str
@@ -49,6 +54,7 @@ class Request:
     threshold: float | None = None
     post: PostProcess = field(default_factory=PostProcess)
     warnings: tuple = ()
+    fusion: str = "mean"
 
     def check(self, volume: Volume) -> None:
         """The request was planned for a volume of this shape (a server gets both over the wire)."""
@@ -78,17 +84,18 @@ class Request:
 
     def _check_fields(self) -> None:
         start, stop = self.slices
-        if self.plane not in PLANES or not 0 <= start < stop or len(self.shape) != 3:
+        if self.plane not in (*PLANES, ALL_PLANES) or not 0 <= start < stop or len(self.shape) != 3:
             raise InputError(f"Malformed segmentation request (plane {self.plane!r}, slices {self.slices}, "
                              f"shape {self.shape})", "Send what Request.to_json writes")
-        if self.resize not in (None, *RESIZE_MODES) or (self.threshold is not None and not 0 < self.threshold < 1):
-            raise InputError(f"Malformed segmentation request (resize {self.resize!r}, threshold {self.threshold})",
-                             "Send what Request.to_json writes")
+        if (self.resize not in (None, *RESIZE_MODES) or (self.threshold is not None and not 0 < self.threshold < 1)
+                or self.fusion not in FUSIONS):
+            raise InputError(f"Malformed segmentation request (resize {self.resize!r}, threshold {self.threshold}, "
+                             f"fusion {self.fusion!r})", "Send what Request.to_json writes")
 
 
 def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple | None = None, window="auto",
          resize: str | None = None, threshold: float | None = None, post: PostProcess | None = None,
-         cache_key=None) -> Request:
+         cache_key=None, fusion: str = "mean") -> Request:
     """Validate a request before any model work; each problem is an ``InputError`` with its fix.
 
     ``prompts`` may be empty only for a prefetch (image features before any prompt is typed);
@@ -98,13 +105,22 @@ def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple 
     if isinstance(prompts, str):
         prompts = [prompts]
     volume.validate()
-    if plane is not None and plane not in PLANES:
-        raise InputError(f"Unknown plane {plane!r}", f"Use one of: {', '.join(PLANES)}")
-    view = SliceView(volume, plane or default_plane(volume))
-    start, stop = slices if slices is not None else (0, view.num_slices)
-    if not (0 <= start < stop <= view.num_slices):
-        raise InputError(f"Slice range {start}:{stop} is outside the {view.num_slices} {view.plane} slices",
-                         f"Choose START:STOP within 0:{view.num_slices}")
+    if plane is not None and plane not in (*PLANES, ALL_PLANES):
+        raise InputError(f"Unknown plane {plane!r}", f"Use one of: {', '.join(PLANES)} or {ALL_PLANES}")
+    if fusion not in FUSIONS:
+        raise InputError(f"Unknown fusion {fusion!r}", f"Use one of: {', '.join(FUSIONS)}")
+    if plane == ALL_PLANES:
+        if slices is not None:
+            raise InputError("A slice range belongs to one plane; all three planes segment the whole volume",
+                             "Leave out the slice range, or choose one plane")
+        start, stop = 0, sum(SliceView(volume, p).num_slices for p in PLANES)  # each plane must hold 2x2 pixels
+    else:
+        view = SliceView(volume, plane or default_plane(volume))
+        plane = view.plane
+        start, stop = slices if slices is not None else (0, view.num_slices)
+        if not (0 <= start < stop <= view.num_slices):
+            raise InputError(f"Slice range {start}:{stop} is outside the {view.num_slices} {view.plane} slices",
+                             f"Choose START:STOP within 0:{view.num_slices}")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise InputError(f"Threshold {threshold} is not a probability", "Give a number between 0 and 1, e.g. 0.5")
     if resize not in (None, *RESIZE_MODES):
@@ -116,6 +132,6 @@ def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple 
         warnings += problems
     return Request(
         volume="" if cache_key is None else str(cache_key), shape=tuple(volume.shape),
-        prompts=tuple(cleaned), plane=view.plane, slices=(int(start), int(stop)),
+        prompts=tuple(cleaned), plane=plane, slices=(int(start), int(stop)), fusion=fusion,
         window=choose_window(volume, window), resize=resize,
         threshold=threshold, post=post or PostProcess(), warnings=tuple(warnings))

@@ -1,11 +1,13 @@
 """Finetuning on the user's own labelled data: the paper's recipe, with its loss bug fixed.
 
 Recipe (``../shared/reference/medvlsm.md``): AdamW (weight decay 1e-3), ReduceLROnPlateau (x0.1,
-patience 5) on the validation loss, gradient clipping at 0.5, mixed precision (bf16) where the
-device supports it, early stopping on validation Dice (patience 20), the best checkpoint by
-validation Dice, seed 42. Loss: MONAI ``DiceCELoss(sigmoid=True, lambda_dice=1, lambda_ce=0.2)``
-on **logits**. (The reference code fed sigmoid probabilities: with MONAI 1.1 its CE term was
-always 0 for one channel, with MONAI >= 1.3 the probabilities were squashed a second time.)
+patience 5) on the validation loss, gradient clipping at 0.5, mixed precision (bf16) on GPUs that
+support it, early stopping on validation Dice (patience 20), the best checkpoint by validation Dice,
+seed 42. Loss: MONAI ``DiceCELoss(sigmoid=True, lambda_dice=1, lambda_ce=0.2)`` on **logits**. (The
+reference code fed sigmoid probabilities: with MONAI 1.1 its CE term was always 0 for one channel,
+with MONAI >= 1.3 the probabilities were squashed a second time.) Batch size and learning rate:
+``--recipe default`` (16 and the architecture's measured ``lr``) or ``paper`` (128 / 32 and the
+paper's; ``bench/finetune_recipe.py`` measured which settings make a small model learn the text).
 
 One image + one prompt per sample; the prompt is drawn per sample and per epoch from the chosen
 prompt types (``random``: any type the sample has), one string of list types (p7..p9).
@@ -51,13 +53,22 @@ class Sample:
     name: str = ""
 
 
+RECIPES = ("default", "paper")
+
+
 @dataclass
 class TrainConfig:
+    """``recipe`` fills what is left at 0: ``default`` (measured, README: batch 16 and the architecture's
+    ``lr``), ``paper`` (the paper's batch size and learning rate per architecture)."""
+
     epochs: int = 50
-    batch_size: int = 16
-    lr: float = 0.0  # 0: the paper's for the model's architecture (architectures.py)
+    batch_size: int = 0
+    lr: float = 0.0
+    recipe: str = "default"
     weight_decay: float = 1e-3
-    grad_clip: float = 0.5
+    grad_clip: float = 0.5  # 0: no clipping
+    ce_weight: float = 0.2  # loss = Dice + ce_weight x BCE
+    scheduler: str = "plateau"  # plateau: x0.1 after lr_patience epochs without a better val loss; cosine: per step, 5 % warm-up
     prompt_types: list = field(default_factory=lambda: ["p1"])
     freeze: str = "none"  # none | encoders | text
     seed: int = 42
@@ -94,35 +105,49 @@ def samples_from_annotations(items, spec, resize: str = "stretch") -> list[Sampl
 
 def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: float = 0.1, seed: int = 42,
                          resize: str = "letterbox") -> list[Sample]:
-    """Volumes + segmentations -> 2D samples along ``plane``, one per (slice, structure).
+    """Volumes + segmentations -> 2D samples along ``plane``, one per (slice, structure); ``plane``
+    ``all``: the slices of the three planes, so one model serves multi-planar fusion.
 
     Prompts: the segment name as p1, plus the ladder p2..p6 built from the slice mask's geometry.
     Slices where a structure is absent are kept as ``empty_fraction`` x the present ones, so the
     model learns to answer "nothing here".
     """
-    from .volume import SliceView, Volume
+    from .request import ALL_PLANES
+    from .volume import PLANES, SliceView
 
     rng = random.Random(seed)
     out = []
     for pair in pairs:
         volume, masks, names = pair.load()
         window = choose_window(volume)
-        view = SliceView(volume, plane)
-        image = view.view(volume.array)
-        for mask3d, name in zip(masks, names):
-            mview = view.view(mask3d)
-            present = [s for s in range(view.num_slices) if mview[s].any()]
-            absent = [s for s in range(view.num_slices) if not mview[s].any()]
-            chosen = present + rng.sample(absent, min(len(absent), int(round(empty_fraction * len(present)))))
-            for s in sorted(chosen):
-                g = geometry_attributes(mview[s])
-                prompts = ladder(Attributes(name, size=g["size"], number=g["number"], location=g["location"]))
-                slice_volume = Volume(np.ascontiguousarray(image[s][None]),
-                                      (view.pixel_spacing[1], view.pixel_spacing[0], 1.0))
-                sample = prepare(slice_volume, np.asarray(mview[s]), prompts, spec, resize, window)
-                out.append(dataclasses.replace(sample, name=f"{pair.name}:{name}:{s}"))
+        for one_plane in PLANES if plane == ALL_PLANES else (plane,):
+            out += _plane_samples(pair.name, (volume, masks, names), SliceView(volume, one_plane),
+                                  (spec, resize, window), empty_fraction, rng)
     if not out:
         raise InputError("The segmentations hold no labelled voxels", "Check that the segments are not empty")
+    return out
+
+
+def _plane_samples(case: str, loaded, view, recipe, empty_fraction: float, rng) -> list[Sample]:
+    """One volume's samples along ``view``'s plane (``loaded``: volume, masks, names; ``recipe``: spec,
+    resize, window)."""
+    from .volume import Volume
+
+    volume, masks, names = loaded
+    spec, resize, window = recipe
+    image = view.view(volume.array)
+    out = []
+    for mask3d, name in zip(masks, names):
+        mview = view.view(mask3d)
+        present = [s for s in range(view.num_slices) if mview[s].any()]
+        absent = [s for s in range(view.num_slices) if not mview[s].any()]
+        chosen = present + rng.sample(absent, min(len(absent), int(round(empty_fraction * len(present)))))
+        for s in sorted(chosen):
+            g = geometry_attributes(mview[s])
+            prompts = ladder(Attributes(name, size=g["size"], number=g["number"], location=g["location"]))
+            slice_volume = Volume(np.ascontiguousarray(image[s][None]), (view.pixel_spacing[1], view.pixel_spacing[0], 1.0))
+            sample = prepare(slice_volume, np.asarray(mview[s]), prompts, spec, resize, window)
+            out.append(dataclasses.replace(sample, name=f"{case}:{name}:{view.plane}:{s}"))
     return out
 
 
@@ -166,6 +191,27 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+
+def with_recipe(config: TrainConfig, arch) -> TrainConfig:
+    """``config`` with the recipe's batch size and learning rate where it leaves them at 0."""
+    if config.recipe not in RECIPES:
+        raise InputError(f"Unknown recipe {config.recipe!r}", f"Use one of: {', '.join(RECIPES)}")
+    paper = config.recipe == "paper"
+    return dataclasses.replace(config, batch_size=config.batch_size or (arch.paper_batch_size if paper else 16),
+                               lr=config.lr or (arch.paper_lr if paper else arch.lr or arch.paper_lr))
+
+
+def _scheduler(optimizer, config: TrainConfig, steps: int):
+    """``plateau``: stepped per epoch on the validation loss; ``cosine``: stepped per optimiser step."""
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.lr_patience)
+    if config.scheduler != "cosine":
+        raise InputError(f"Unknown scheduler {config.scheduler!r}", "Use plateau or cosine")
+    steps = max(1, steps)
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))))
+
 
 def _freeze(model, how: str) -> list:
     """none: train everything; encoders: the decoder only (the paper's BiomedCLIPSeg); text: all but text.
@@ -220,7 +266,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
 
     output = Path(output)
     device = resolve_device(config.device)
-    config = dataclasses.replace(config, lr=config.lr or architecture(model.spec.arch).paper_lr)
+    config = with_recipe(config, architecture(model.spec.arch))
     base_name = model.spec.name
     # The saved folder is this new model from its first save on: its own name, size and preprocessing,
     # so an interrupted run leaves a usable, truthfully described best model.
@@ -230,7 +276,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     rank, world = dist_info()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    dtype = resolve_dtype(device, config.precision)
+    # auto trains in bf16 on GPUs only: on a CPU it is unmeasured where native and ~6x slower where emulated
+    dtype = resolve_dtype(device, "fp32" if device.type == "cpu" and config.precision == "auto" else config.precision)
     torch.manual_seed(config.seed)
     model = model.to(device).train()
     frozen = _freeze(model, config.freeze)
@@ -248,9 +295,13 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    local = list(range(rank, len(train), world))  # the distributed sampler: a disjoint shard per rank
+    steps_per_epoch = math.ceil(len(local) / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.lr_patience)
-    loss_fn = DiceCELoss(sigmoid=True, lambda_dice=1.0, lambda_ce=0.2)
+    scheduler = _scheduler(optimizer, config, config.epochs * steps_per_epoch)
+    loss_fn = DiceCELoss(sigmoid=True, lambda_dice=1.0, lambda_ce=config.ce_weight)
     state = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / CHECKPOINT
     if config.resume:
@@ -264,10 +315,6 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     if rank == 0:
         (output / "checkpoint").mkdir(parents=True, exist_ok=True)
     tokenize = model.tokenize
-    local = list(range(rank, len(train), world))  # the distributed sampler: a disjoint shard per rank
-    steps_per_epoch = math.ceil(len(local) / config.batch_size)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     started = time.perf_counter()
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         rng = random.Random(config.seed * 1000 + epoch * 10 + rank)
@@ -283,8 +330,11 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
             loss = loss_fn(logits.float()[:, None], masks[:, None])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
+            if config.scheduler == "cosine":
+                scheduler.step()
             train_loss += float(loss.detach())
             steps += 1
             if progress is not None and rank == 0:
@@ -292,7 +342,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
             if steps >= steps_per_epoch:
                 break
         val_loss, val_dice = evaluate_samples(model, val, config, loss_fn, _Run(device, dtype, rank, world))
-        scheduler.step(val_loss)
+        if config.scheduler == "plateau":
+            scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": train_loss / max(steps, 1), "val_loss": val_loss, "val_dice": val_dice,
                "lr": optimizer.param_groups[0]["lr"], "steps": steps, "world_size": world,
                "seconds_per_step": (time.perf_counter() - epoch_start) / max(steps, 1)}

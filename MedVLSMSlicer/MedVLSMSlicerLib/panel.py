@@ -15,7 +15,7 @@ from medvlsm.prompts import Attributes, ladder, strings
 
 from . import mrml_glue as glue
 from . import qt_compat
-from .session import POLL_MS, SCOPES, Session, Settings, readable
+from .session import PLANE_CHOICES, POLL_MS, SCOPES, Session, Settings, plane_label, readable
 
 log = logging.getLogger("medvlsm")
 
@@ -111,7 +111,7 @@ class PanelController:
         plain = self.w("promptsEdit").toPlainText()
         s.prompts = [line.strip() for line in plain.splitlines() if line.strip()]
         s.model = self._combo_text("modelCombo") if self._combo_text("modelCombo") != LOCAL_FOLDER else s.model
-        s.plane = self._combo_text("planeCombo")
+        s.plane = PLANE_CHOICES.get(self._combo_text("planeCombo"), "axial")
         s.scope = self._combo_text("scopeCombo")
         s.slice_start, s.slice_stop = int(self._value("sliceStartSpin")), int(self._value("sliceStopSpin"))
         s.keep_largest, s.fill_holes = self._checked("keepLargestCheck"), self._checked("fillHolesCheck")
@@ -133,7 +133,7 @@ class PanelController:
 
     def _fill_widgets(self, s: Settings) -> None:
         self.w("promptsEdit").setPlainText("\n".join(s.prompts))
-        for combo, value in (("modelCombo", s.model), ("planeCombo", s.plane), ("scopeCombo", s.scope),
+        for combo, value in (("modelCombo", s.model), ("planeCombo", plane_label(s.plane)), ("scopeCombo", s.scope),
                              ("deviceCombo", s.device)):
             if value and self.w(combo).findText(value) >= 0:
                 self.w(combo).setCurrentIndex(self.w(combo).findText(value))
@@ -229,7 +229,7 @@ class PanelController:
         if volume_node is None or self.running or (self.prefetch_job is not None and not self.prefetch_job.done):
             return
         settings = self.read_settings()
-        if settings.server:  # the server encodes when the request arrives; nothing to prepare here
+        if settings.server or settings.plane == "all":  # prepared where and when the run happens
             return
         current = self.current_slice(volume_node, settings.plane)
         wanted = (Session.cache_key(volume_node), settings.model, settings.device, settings.plane, settings.window,

@@ -18,6 +18,12 @@ from medvlsm.errors import Cancelled, InputError, MedVLSMError
 from . import mrml_glue as glue
 
 SCOPES = ("whole volume", "current slice", "slice range")
+# what the plane choosers show -> Settings.plane (and the request's plane)
+PLANE_CHOICES = {"axial": "axial", "coronal": "coronal", "sagittal": "sagittal", "all three (3x time)": "all"}
+
+
+def plane_label(plane: str) -> str:
+    return next(label for label, value in PLANE_CHOICES.items() if value == plane)
 POLL_MS = 50  # GUI timer period while a job runs: the GUI answers within 50 ms
 GUI_WAIT_S = 0.045  # of each period, the GUI thread waits on the worker (GIL released): 90 % for the model
 _SHARED: dict = {}
@@ -206,6 +212,9 @@ class Session:
         """The scope as a slice range of the plane (``None``: all); ``request.plan`` checks it."""
         from medvlsm.volume import SliceView
 
+        if settings.plane == "all" and settings.scope != "whole volume":
+            raise InputError(f"Scope '{settings.scope}' belongs to one plane; all three planes segment the whole "
+                             "volume", "Choose Scope: whole volume, or one plane")
         if settings.scope == "current slice":
             return Session.current_slice_range(volume, settings.plane, current_slice)
         if settings.scope == "slice range":

@@ -17,8 +17,6 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-PLANES = ("axial", "coronal", "sagittal")
-
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def __init__(self, scriptedEffect):
@@ -49,14 +47,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 "reverts. The threshold re-cuts the last result instantly (each change is undoable).</html>")
 
     def setupOptionsFrame(self):
-        from MedVLSMSlicerLib.session import POLL_MS
+        from MedVLSMSlicerLib.session import PLANE_CHOICES, POLL_MS
 
         self.promptEdit = qt.QLineEdit()
         self.promptEdit.setPlaceholderText("what to segment (default: the segment's name)")
         self.scriptedEffect.addLabeledOptionsWidget("Prompt:", self.promptEdit)
         self.planeCombo = qt.QComboBox()
-        for plane in PLANES:
-            self.planeCombo.addItem(plane)
+        for label in PLANE_CHOICES:  # "all three (3x time)": each plane, fused
+            self.planeCombo.addItem(label)
         self.scriptedEffect.addLabeledOptionsWidget("Plane:", self.planeCombo)
         self.thresholdSlider = qt.QSlider(qt.Qt.Horizontal)
         self.thresholdSlider.setRange(1, 99)
@@ -94,7 +92,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onRunOrCancel(self):
         from MedVLSMSlicerLib.effect_run import TextPromptRun
-        from MedVLSMSlicerLib.session import readable, shared_session
+        from MedVLSMSlicerLib.session import PLANE_CHOICES, readable, shared_session
 
         if self.run is not None and self.run.result is None and not self.run.job.done:
             self.run.job.cancel()
@@ -106,8 +104,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.run = TextPromptRun(
                 shared_session(slicer.mrmlScene), self.scriptedEffect.sourceVolumeImageData(),
                 node.GetSegmentationNode(), node.GetSelectedSegmentID(), prompt,
-                self.planeCombo.property("currentText"), save_state_for_undo=self.scriptedEffect.saveStateForUndo,
-                modify=self._modify)
+                PLANE_CHOICES[self.planeCombo.property("currentText")],
+                save_state_for_undo=self.scriptedEffect.saveStateForUndo, modify=self._modify)
         except Exception as e:
             self.run = None
             self.statusLabel.setText(readable(e))

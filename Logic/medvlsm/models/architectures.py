@@ -35,7 +35,9 @@ class Architecture:
         vlsm: the name of the ``VLSM`` subclass in ``module``.
         defaults: ``ModelSpec`` fields of its folders that record none (input size, mean/std,
             threshold, text tokens): the paper's settings.
-        paper_lr: the paper's finetuning learning rate.
+        paper_lr: the paper's finetuning learning rate (``--recipe paper``), at ``paper_batch_size``.
+        lr: the default recipe's learning rate at batch 16 (0: the paper's), measured by
+            ``bench/finetune_recipe.py`` where it differs.
         input_multiple: the square input side must be a multiple of this (CRIS's FPN merges 1/8,
             1/16 and 1/32 scales: 32).
         sizes: the sizes its ``random(size)`` builds (``full`` = the paper's).
@@ -49,6 +51,8 @@ class Architecture:
     vlsm: str
     defaults: dict
     paper_lr: float
+    lr: float = 0.0
+    paper_batch_size: int = 16
     input_multiple: int = 1
     sizes: tuple = ("full", "small", "tiny")
     converters: dict = field(default_factory=dict)
@@ -98,15 +102,18 @@ def converters() -> dict[str, Architecture]:
 
 register(Architecture(
     "clipseg", "CLIPSeg", "medvlsm.models.clipseg", "CLIPSeg",
-    dict(input_size=352, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.5, text_tokens=77), paper_lr=2e-3,
+    dict(input_size=352, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.5, text_tokens=77), paper_lr=2e-3, lr=1e-3,
+    paper_batch_size=128,
     converters={"clipseg": ("convert", "a CIDAS/clipseg-* snapshot folder or its files")}))
 register(Architecture(
     "cris", "CRIS", "medvlsm.models.cris", "CRIS",
     dict(input_size=416, mean=CLIP_MEAN, std=CLIP_STD, threshold=0.35, text_tokens=77), paper_lr=2e-5,
+    paper_batch_size=32,
     input_multiple=32, converters={"cris": ("convert", "a CRIS checkpoint (cris_best.pth) and/or OpenAI CLIP RN50 weights")}))
 register(Architecture(
     "biomedclipseg", "BiomedCLIPSeg(-D)", "medvlsm.models.biomedclipseg", "BiomedCLIPSeg",
-    dict(input_size=224, mean=CLIP_MEAN, std=CLIP_STD, threshold=0.5, text_tokens=256), paper_lr=2e-3,
+    dict(input_size=224, mean=CLIP_MEAN, std=CLIP_STD, threshold=0.5, text_tokens=256), paper_lr=2e-3, lr=1e-3,
+    paper_batch_size=128,
     converters={"biomedclipseg": ("convert", "open_clip_pytorch_model.bin and vocab.txt (BiomedCLIP hub repo)"),
                 "biomedclipseg-d": ("convert_d", "the same and model.safetensors of CIDAS/clipseg-rd64-refined "
                                     "(its decoder)")}))

@@ -83,13 +83,26 @@ class CLIPSeg(CLIPSegFamily):
     hf_class = CLIPSegForImageSegmentation  # transformers' own, registered there under "clipseg"
 
     @classmethod
-    def random(cls, size: str = "full", name: str | None = None, seed: int = 0) -> "CLIPSeg":
-        """Random weights from the config (no hub): for tests, benchmarks and training from scratch."""
+    def random(cls, size: str = "full", name: str | None = None, seed: int = 0,
+               decoder_init: str = "torch") -> "CLIPSeg":
+        """Random weights from the config (no hub): for tests, benchmarks and training from scratch.
+
+        ``decoder_init="torch"``: the decoder starts from PyTorch's default initialisation, as in the
+        original CLIPSeg code. transformers' ``_init_weights`` (``"transformers"``) leaves the reduce,
+        FiLM and transposed-convolution weights at a standard deviation of 1: activations grow ~10x
+        per layer and a model trained from scratch learns to ignore the prompt
+        (``bench/finetune_recipe.py``)."""
         from .tokenizer import clip_tokenizer
 
         quiet_transformers()
         torch.manual_seed(seed)
         hf = CLIPSegForImageSegmentation(clipseg_config(size)).eval()
+        if decoder_init == "torch":
+            for module in hf.decoder.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    module.reset_parameters()
+        elif decoder_init != "transformers":
+            raise ValueError(f"unknown decoder_init {decoder_init!r}: torch or transformers")
         spec = ARCHITECTURES["clipseg"].spec(name=name or f"clipseg-{size}-random", trained=False,
                                              description=f"CLIPSeg {size} architecture, random weights")
         return cls(hf, clip_tokenizer(), spec)
