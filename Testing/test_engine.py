@@ -305,6 +305,9 @@ def test_all_three_planes_fuse_the_single_plane_results_on_the_grid(tiny_model, 
     np.testing.assert_allclose(fused.probabilities, expected, atol=1e-6)
     assert fused.threshold == 0.5 and fused.plane == "all" and calls[-1] == (sum(v.shape), sum(v.shape))
     assert engine.segment(v, ["kidney"], plane="all", fusion=fusion).from_cache
+    fresh = Engine(tiny_model, device="cpu", precision="fp32", cache_bytes=1 << 28)
+    fresh.prefetch(v, plane="all")  # while the prompt is typed: every slice of each plane
+    assert fresh.segment(v, ["kidney"], plane="all", fusion=fusion).from_cache
     with pytest.raises(InputError, match="belongs to one plane"):
         plan(v, ["liver"], plane="all", slices=(0, 2))
     with pytest.raises(InputError, match="Unknown fusion"):

@@ -124,6 +124,14 @@ def _in_subprocess(case: str, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def report(results: dict, path=None) -> dict:
+    """Print ``results`` as JSON and, with ``path``, save them there (the benchmarks' one output)."""
+    print(json.dumps(results, indent=2))
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return results
+
+
 def machine() -> str:
     try:
         import torch

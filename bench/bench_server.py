@@ -11,7 +11,6 @@ mismatches, latency p50 / p95 per request (upload included in each client's firs
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import machine  # noqa: E402
+from bench_engine import machine, report  # noqa: E402
 
 from medvlsm.client import Client  # noqa: E402
 from medvlsm.engine import Engine  # noqa: E402
@@ -112,16 +111,13 @@ def main(argv=None) -> dict:
             server.terminate()
             server.wait(30)
     lat = np.array(latencies)
-    report = {"machine": machine(), "clients": args.clients, "requests_per_client": args.requests,
+    results = {"machine": machine(), "clients": args.clients, "requests_per_client": args.requests,
               "volume": f"{args.depth}x{args.size}x{args.size}", "answered": len(latencies),
               "asked": args.clients * args.requests, "mismatched": len(mismatches), "errors": errors[:5],
               "p50_s": float(np.percentile(lat, 50)) if len(lat) else None,
               "p95_s": float(np.percentile(lat, 95)) if len(lat) else None,
               "requests_per_s": len(latencies) / wall, "wall_s": wall}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return report
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

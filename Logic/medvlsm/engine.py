@@ -194,8 +194,14 @@ class Engine:
     def prefetch(self, volume: Volume, request=(), **options) -> None:
         """Encode and cache the image features of a request's slices before any prompt is known (the
         slice the radiologist is looking at, while they type): the next ``segment`` of them runs the
-        decoder only. Needs a cache (``cache_bytes`` > 0). ``request``/``options``: as ``segment``."""
+        decoder only. Needs a cache (``cache_bytes`` > 0). ``request``/``options``: as ``segment``; all
+        three planes: every slice of each (a whole-volume run of them then decodes only)."""
         request = self.request(volume, request, **options)
+        if request.plane == ALL_PLANES:
+            for plane in PLANES:
+                self.prefetch(volume, dataclasses.replace(request, plane=plane,
+                                                          slices=(0, SliceView(volume, plane).num_slices)))
+            return
         with self._lock:
             fp = self._plan_features(volume, request)
             if fp.key is None or fp.cached is not None:

@@ -229,9 +229,9 @@ class PanelController:
         if volume_node is None or self.running or (self.prefetch_job is not None and not self.prefetch_job.done):
             return
         settings = self.read_settings()
-        if settings.server or settings.plane == "all":  # prepared where and when the run happens
+        if settings.server:  # the server encodes when the request arrives; nothing to prepare here
             return
-        current = self.current_slice(volume_node, settings.plane)
+        current = None if settings.plane == "all" else self.current_slice(volume_node, settings.plane)
         wanted = (Session.cache_key(volume_node), settings.model, settings.device, settings.plane, settings.window,
                   current)
         if wanted != self._prefetched:

@@ -273,10 +273,10 @@ class Session:
 
     def prefetch(self, volume_node, settings: Settings, current_slice: int | None = None) -> Job:
         """While the prompt is typed: load the model and encode the slice on screen in the background,
-        so a current-slice Run of any prompt then runs the decoder only. Errors stay in the job: Run
-        reports them properly."""
+        so a current-slice Run of any prompt then runs the decoder only; with all three planes, every
+        slice of each (the 3x encoding is paid while typing). Errors stay in the job: Run reports them."""
         volume = self.volume(volume_node)
-        slices = self.current_slice_range(volume, settings.plane, current_slice)
+        slices = None if settings.plane == "all" else self.current_slice_range(volume, settings.plane, current_slice)
         key = self.cache_key(volume_node)
 
         def work(job: Job):
