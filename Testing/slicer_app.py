@@ -617,11 +617,15 @@ def scenario_effect(args):
     first = glue.read_segment(segmentation, target, volume)
     REPORT["target_voxels"] = int(first.sum())
     REPORT["manual_unchanged"] = bool(np.array_equal(glue.read_segment(segmentation, manual, volume), drawn))
-    probabilities = effect.run.result.probabilities[0]
-    low = float(np.quantile(probabilities, 0.3))
-    effect.thresholdSlider.setValue(max(1, int(low * 100)))  # tracking off: as on release
+    # a random model may cover most of the volume or little of it: move the threshold the way that must
+    # change the segment, to a value the slider can show
+    result = effect.run.result
+    quantile = 0.7 if first.mean() > 0.5 else 0.3
+    value = min(99, max(1, int(round(float(np.quantile(result.probabilities[0], quantile)) * 100))))
+    effect.thresholdSlider.setValue(value)  # tracking off: as on release
     second = glue.read_segment(segmentation, target, volume)
     REPORT["rethreshold_voxels"] = int(second.sum())
+    REPORT["rethreshold_is_the_result_at_the_slider"] = bool(np.array_equal(second, result.masks(value / 100)[0]))
     host.undo()
     REPORT["undo_restores_first"] = bool(np.array_equal(glue.read_segment(segmentation, target, volume), first))
     REPORT["undo_manual_unchanged"] = bool(np.array_equal(glue.read_segment(segmentation, manual, volume), drawn))
