@@ -4,12 +4,14 @@ the CLI's --server: the same masks as a local run, the geometry checked, and the
 import json
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from fastapi import HTTPException
 from conftest import blobs
 
 from medvlsm import io
@@ -19,7 +21,8 @@ from medvlsm.engine import Engine
 from medvlsm.errors import Cancelled, InputError
 from medvlsm.postprocess import PostProcess
 from medvlsm.request import plan
-from medvlsm.server import ServerConfig, create_app, read_tokens
+from medvlsm.models import load_model
+from medvlsm.server import JobStore, ServerConfig, ServerJob, create_app, read_tokens
 from medvlsm.volume import Volume
 
 TOKENS = {"alice-token-0123456789": "alice", "bob-token-0123456789ab": "bob"}
@@ -185,3 +188,56 @@ def test_a_stalled_upload_is_dropped_with_408(tiny_model_dir):
             assert s.recv(200).startswith(b"HTTP/1.1 408")
     finally:
         live.stop()
+
+
+def test_one_client_cannot_queue_the_gpu_away_and_finished_results_are_bounded(tiny_model_dir):
+    """At most ``max_jobs_per_client`` runs of one client wait or run (429 beyond, others unaffected);
+    a finished result waits for its client, who frees it on fetching; the oldest go past the budget."""
+    gate = threading.Event()
+    engine = Engine(load_model(tiny_model_dir), device="cpu")
+
+    def held_runner(job, model):  # the real engine, started only when the test opens the gate
+        gate.wait(30)
+        return engine.segment(job.volume, job.request, progress=job.report, cancel=job.cancelled)
+
+    config = ServerConfig(models={"tiny": str(tiny_model_dir)}, tokens=TOKENS, device="cpu", max_jobs_per_client=2)
+    app = create_app(config, runner=held_runner)
+    live = LiveServer(app)
+    try:
+        alice, bob = Client(live.url, "alice-token-0123456789"), Client(live.url, "bob-token-0123456789ab")
+        volume = ct(seed=11)
+        first = [alice.start(volume, plan(volume, [p])) for p in ("liver", "spleen")]
+        with pytest.raises(ServerError, match="429.*wait for one to finish"):
+            alice.start(volume, plan(volume, ["kidney"]))
+        bob_job = bob.start(volume, plan(volume, ["kidney"]))  # another client is not held up by alice
+        gate.set()
+        for job in first:
+            while json.loads(alice._call("GET", f"/jobs/{job}")[1])["state"] != "done":
+                time.sleep(0.02)
+        result = alice.segment(volume, plan(volume, ["kidney"]))  # a place is free again once hers finished
+        assert result.prompts == ["kidney"]
+        assert len(app.state.jobs) == 3  # alice's first two and bob's wait to be fetched; the fetched one is gone
+        for job in first:
+            alice._call("DELETE", f"/jobs/{job}")
+            assert _call(f"{live.url}/jobs/{job}", token="alice-token-0123456789")[0] == 404
+        assert _call(f"{live.url}/jobs/{bob_job}", token="bob-token-0123456789ab")[0] == 200
+    finally:
+        gate.set()
+        live.stop()
+
+    store = JobStore(max_per_client=8, max_result_bytes=3 * 4 * 1000, ttl_s=3600)
+    ids = []
+    for n in range(5):  # five finished results of 4 kB against a 12 kB budget
+        job = ServerJob("alice", None, plan(ct(), ["x"]), deadline=time.monotonic() + 60)
+        job.run(lambda job, model: types.SimpleNamespace(probabilities=np.zeros(1000, np.float32)), "tiny")
+        ids.append(store.add(job))
+    assert len(store) == 3
+    with pytest.raises(HTTPException):
+        store.get(ids[0], "alice")
+    assert store.get(ids[-1], "alice").state == "done"
+    expired = JobStore(max_per_client=8, max_result_bytes=1 << 30, ttl_s=0.0)
+    job_id = expired.add(job)
+    time.sleep(0.01)
+    assert len(expired) == 0  # past its time-to-live even within the budget
+    with pytest.raises(HTTPException):
+        expired.get(job_id, "alice")

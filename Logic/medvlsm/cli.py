@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uploaded volumes kept in memory (least recently used out first; never on disk)")
     sv.add_argument("--volume-ttl", type=_positive_float, default=3600.0, help="seconds an uploaded volume is kept")
     sv.add_argument("--job-timeout", type=_positive_float, default=600.0, help="seconds a run may take")
+    sv.add_argument("--max-runs-per-client", type=_positive_int, default=4,
+                    help="runs one client may have waiting or running (more are refused with 429)")
+    sv.add_argument("--result-cache-mb", type=_positive_int, default=4096,
+                    help="finished results kept in memory until their client fetches them (oldest out first; "
+                    "also gone after --volume-ttl)")
     sv.add_argument("--replicas", type=_positive_int, default=0, help="serve on Ray Serve with this many model "
                     "replicas (one per GPU with --gpus-per-replica 1); a volume's runs stay on the replica that "
                     "cached it")
@@ -358,7 +363,8 @@ def cmd_serve(args):
     config = ServerConfig(models=models, tokens=read_tokens(args.token_file) if args.token_file else {},
                           host=args.host, device=args.device, max_upload_bytes=args.max_upload_mb << 20,
                           volume_cache_bytes=args.volume_cache_mb << 20, volume_ttl_s=args.volume_ttl,
-                          job_timeout_s=args.job_timeout)
+                          job_timeout_s=args.job_timeout, max_jobs_per_client=args.max_runs_per_client,
+                          result_cache_bytes=args.result_cache_mb << 20)
     who = f"bearer tokens of {len(config.tokens)} client(s)" if config.tokens else "no token: this computer only"
     if args.replicas:
         from . import ray_serve

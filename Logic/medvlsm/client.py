@@ -92,9 +92,10 @@ class Client:
                 reason = json.loads(e.read() or b"{}").get("detail", "")
             except ValueError:
                 reason = ""
+            fixes = {401: "Check the token (Settings: server token file)",
+                     429: "Run again when your earlier runs on the server have finished"}
             raise ServerError(f"The server answered {e.code}: {reason or e.reason}",
-                              "Check the server address, token and request" if e.code != 401 else
-                              "Check the token (Settings: server token file)") from e
+                              fixes.get(e.code, "Check the server address, token and request")) from e
         except (urllib.error.URLError, OSError) as e:
             raise ServerError(f"Cannot reach the server at {self.url} ({getattr(e, 'reason', e)})",
                               "Check the address, that `medvlsm serve` runs there and that the network allows it") from e
@@ -143,6 +144,10 @@ class Client:
             if not grid.same_grid(volume) or array.shape[-3:] != volume.shape:
                 raise ServerError("The server's result is not on the volume's grid", "Report this server")
             layers[kind] = array
+        try:  # the server may free the result now; it forgets it after a while anyway
+            self._call("DELETE", f"/jobs/{job}")
+        except ServerError:
+            pass
         return RemoteResult(
             grid=volume, request=request, probabilities=layers["probabilities"].astype(np.float32) / 255.0,
             threshold=float(facts["threshold"]), model_name=facts["model"], trained=facts["trained"] == "True",

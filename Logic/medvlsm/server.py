@@ -9,7 +9,8 @@ The protocol (OpenAPI schema at ``/openapi.json``, interactive at ``/docs``):
 - ``POST /jobs``: ``{"volume": key, "request": Request JSON, "model": name or null}`` -> ``{"job": id}``;
   the run starts in the background;
 - ``GET /jobs/{id}``: state, progress, error (or ``/jobs/{id}/events``: the same as server-sent events);
-  ``DELETE /jobs/{id}``: cancel (before the next batch);
+  ``DELETE /jobs/{id}``: cancel a run (before the next batch), or forget a finished one and its result
+  (the client does so once it has fetched it);
 - ``GET /jobs/{id}/probabilities``, ``/masks`` and ``/labelmap``: uint8 layers ``[P, K, J, I]`` or
   labels ``[K, J, I]`` as gzip NRRD with the grid and the run's facts (probabilities x 255, rounded;
   masks and labelmap at the request's threshold and post-processing: the bytes a local run makes).
@@ -18,7 +19,8 @@ The image-feature cache lives here, so a re-prompt of a held volume runs the dec
 Security: binds to localhost by default; anywhere else needs a token file (``name token`` per line);
 bearer tokens are compared in constant time; each client sees only its own volumes and jobs; model
 names come from the server's list, never paths; uploads are size-limited and kept in memory only,
-bounded in bytes and time. TLS belongs to a reverse proxy in front (README).
+bounded in bytes and time; so are finished results, and each client may have only a few runs waiting
+(one client cannot queue the GPU away from the others). TLS belongs to a reverse proxy in front (README).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class ServerConfig:
     volume_cache_bytes: int = 8 << 30
     volume_ttl_s: float = 3600.0
     job_timeout_s: float = 600.0
+    max_jobs_per_client: int = 4
+    result_cache_bytes: int = 4 << 30
     upload_idle_timeout_s: float = 60.0
     feature_cache_bytes: int = 4 << 30
 
@@ -127,6 +131,9 @@ class VolumeStore:
             self._expire()
 
 
+FINISHED = ("done", "failed", "cancelled")
+
+
 class ServerJob:
     """One run on the server: progress, cancel, result, error (read by the client's polls)."""
 
@@ -136,7 +143,12 @@ class ServerJob:
         self.state = "queued"
         self.error = ""
         self.result = None
+        self.finished_at = None  # time.monotonic() when it ended, however it ended
         self._cancel = threading.Event()
+
+    @property
+    def result_bytes(self) -> int:
+        return 0 if self.result is None else self.result.probabilities.nbytes
 
     def cancelled(self) -> bool:
         return self._cancel.is_set() or time.monotonic() > self.deadline
@@ -147,23 +159,74 @@ class ServerJob:
     def run(self, runner, model: str) -> None:
         """``runner(job, model)`` segments (``LocalEngines`` here, ``ray_serve.RayRunner`` on Ray)."""
         self.state = "running"
+        state, error = "failed", ""
         try:
             self.result = runner(self, model)
-            self.state = "done"
+            state = "done"
         except Cancelled:
-            self.state = "cancelled"
-            self.error = "timed out" if not self._cancel.is_set() else "cancelled by the client"
+            state, error = "cancelled", "timed out" if not self._cancel.is_set() else "cancelled by the client"
         except MedVLSMError as e:
-            self.state, self.error = "failed", str(e)
+            error = str(e)
         except Exception as e:  # reported to the client in one line; the details stay in the server's log
             log.exception("Job failed")
-            self.state, self.error = "failed", f"unexpected {e.__class__.__name__} on the server"
+            error = f"unexpected {e.__class__.__name__} on the server"
         finally:
             self.volume = None  # the store keeps the volume; the job needs only its result
+            self.finished_at = time.monotonic()
+            self.error, self.state = error, state  # the state last: whoever sees it finished sees finished_at
 
     def status(self) -> dict:
         done, total = self.progress
         return {"state": self.state, "done": done, "total": total, "error": self.error}
+
+
+class JobStore:
+    """The server's jobs. A client may have ``max_per_client`` runs queued or running (more is a 429);
+    finished jobs wait for their client to fetch and forget them, but no longer than ``ttl_s`` and
+    only while their results fit ``max_result_bytes`` (oldest finished first out)."""
+
+    def __init__(self, max_per_client: int, max_result_bytes: int, ttl_s: float):
+        self.max_per_client, self.max_result_bytes, self.ttl_s = max_per_client, max_result_bytes, ttl_s
+        self._jobs: dict = {}  # id -> job
+        self._lock = threading.Lock()
+
+    def add(self, job: ServerJob) -> str:
+        with self._lock:
+            self._expire()
+            waiting = sum(j.finished_at is None for j in self._jobs.values() if j.client == job.client)
+            if waiting >= self.max_per_client:
+                raise HTTPException(429, f"{waiting} runs of this client are waiting or running here; "
+                                         "wait for one to finish")
+            job_id = secrets.token_urlsafe(16)
+            self._jobs[job_id] = job
+            return job_id
+
+    def get(self, job_id: str, client: str) -> ServerJob:
+        """The job if it is this client's; another client's job does not exist for this one (404)."""
+        with self._lock:
+            self._expire()
+            job = self._jobs.get(job_id)
+        if job is None or job.client != client:
+            raise HTTPException(404, "No such job (finished results are kept for a while only)")
+        return job
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire()
+            return len(self._jobs)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        finished = sorted((job.finished_at, job_id) for job_id, job in self._jobs.items() if job.finished_at)
+        held = sum(self._jobs[job_id].result_bytes for _, job_id in finished)
+        for n, (finished_at, job_id) in enumerate(finished):  # oldest first
+            newest = n == len(finished) - 1  # kept for its client even if it alone exceeds the budget
+            if now - finished_at > self.ttl_s or (held > self.max_result_bytes and not newest):
+                held -= self._jobs.pop(job_id).result_bytes
 
 
 def _volume_from_upload(body: bytes, key: str, max_voxels: int):
@@ -228,7 +291,7 @@ def create_app(config: ServerConfig, runner=None):
     app = FastAPI(title="MedVLSM", version="1", description=__doc__.split("\n\n")[0])
     app.state.runner = LocalEngines(config) if runner is None else runner
     volumes = VolumeStore(config.volume_cache_bytes, config.volume_ttl_s)
-    jobs: dict = {}
+    jobs = app.state.jobs = JobStore(config.max_jobs_per_client, config.result_cache_bytes, config.volume_ttl_s)
     workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medvlsm-job")
 
     def client(authorization: str | None = Header(default=None)) -> str:
@@ -253,12 +316,6 @@ def create_app(config: ServerConfig, runner=None):
     @app.exception_handler(InputError)
     async def input_error(request, exc):
         return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    def own_job(job_id: str, name: str) -> ServerJob:
-        job = jobs.get(job_id)
-        if job is None or job.client != name:  # another client's job does not exist for this one
-            raise HTTPException(404, "No such job")
-        return job
 
     @app.get("/models")
     def served_models(name: str = Depends(client)):
@@ -304,22 +361,19 @@ def create_app(config: ServerConfig, runner=None):
         request.check(volume)
         if request.volume != job_in.volume:  # the feature cache is keyed on the server's identity
             raise InputError("The request's volume is not the uploaded one", "Send request.volume = the volume key")
-        job_id = secrets.token_urlsafe(16)
         job = ServerJob(name, volume, request, time.monotonic() + config.job_timeout_s)
-        jobs[job_id] = job
-        for old in [k for k, j in jobs.items() if j.state in ("done", "failed", "cancelled") and k != job_id][:-64]:
-            del jobs[old]  # finished jobs are kept for their client to fetch, a bounded number of them
+        job_id = jobs.add(job)
         workers.submit(job.run, app.state.runner, model)
         return {"job": job_id}
 
     @app.get("/jobs/{job_id}")
     def job_status(job_id: str, name: str = Depends(client)):
-        return own_job(job_id, name).status()
+        return jobs.get(job_id, name).status()
 
     @app.get("/jobs/{job_id}/events")
     async def job_events(job_id: str, name: str = Depends(client)):
         """Progress as server-sent events, one per change, until the job ends."""
-        job = own_job(job_id, name)
+        job = jobs.get(job_id, name)
 
         async def events():
             last = None
@@ -328,21 +382,24 @@ def create_app(config: ServerConfig, runner=None):
                 if status != last:
                     yield f"data: {json.dumps(status)}\n\n"
                     last = status
-                if status["state"] in ("done", "failed", "cancelled"):
+                if status["state"] in FINISHED:
                     return
                 await asyncio.sleep(0.05)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.delete("/jobs/{job_id}")
-    def cancel_job(job_id: str, name: str = Depends(client)):
-        job = own_job(job_id, name)
-        job._cancel.set()
+    def cancel_or_forget_job(job_id: str, name: str = Depends(client)):
+        job = jobs.get(job_id, name)
+        if job.finished_at is not None:
+            jobs.forget(job_id)
+        else:
+            job._cancel.set()
         return job.status()
 
     @app.get("/jobs/{job_id}/{kind}")
     def job_result(job_id: str, kind: str, name: str = Depends(client)):
-        job = own_job(job_id, name)
+        job = jobs.get(job_id, name)
         if kind not in RESULT_KINDS:
             raise HTTPException(404, f"Ask for one of: {', '.join(RESULT_KINDS)}")
         if job.state != "done":
