@@ -11,7 +11,7 @@ from medvlsm.engine import Engine, SegmentationResult
 from medvlsm.errors import Cancelled, InputError
 from medvlsm.postprocess import PostProcess, labelmap
 from medvlsm.preprocess import Letterbox, to_model_input
-from medvlsm.request import plan
+from medvlsm.request import plan, planes_cost
 from medvlsm.volume import Volume
 from medvlsm.window import choose_window
 
@@ -80,11 +80,17 @@ def test_prefetch_encodes_the_slice_on_screen_before_the_prompt_is_known(tiny_mo
     Engine(tiny_model, device="cpu", precision="fp32").prefetch(v, slices=(0, 1))  # no cache: nothing to do
 
 
-def test_cache_respects_its_budget(tiny_model):
+def test_cache_respects_its_budget(tiny_model, monkeypatch):
     e = Engine(tiny_model, device="cpu", precision="fp32", cache_bytes=1000)  # far too small
     v = ct_volume()
     e.segment(v, ["a"])
     assert not e.segment(v, ["b"]).from_cache
+    encoded = []
+    real = tiny_model.encode_images
+    monkeypatch.setattr(tiny_model, "encode_images", lambda pixels: encoded.append(len(pixels)) or real(pixels))
+    e.batch_size = 2
+    e.prefetch(v, plane="all")  # features that could not be kept: one batch tells, the rest is not encoded
+    assert encoded == [2] and not e._cache
 
 
 def test_several_prompts_in_one_pass_equal_separate_runs(engine):
@@ -314,3 +320,5 @@ def test_all_three_planes_fuse_the_single_plane_results_on_the_grid(tiny_model, 
         plan(v, ["liver"], plane="all", fusion="median")
     request = plan(v, ["liver"], plane="all", fusion=fusion)
     assert type(request).from_json(request.to_json()) == request
+    # i runs anterior-posterior, j inferior-superior, k left-right: 22 axial, 26 coronal, 9 sagittal slices
+    assert planes_cost(v) == "57 slices (22 axial + 26 coronal + 9 sagittal), 2.6x one axial run"

@@ -198,17 +198,22 @@ class Engine:
         three planes: every slice of each (a whole-volume run of them then decodes only)."""
         request = self.request(volume, request, **options)
         if request.plane == ALL_PLANES:
-            for plane in PLANES:
-                self.prefetch(volume, dataclasses.replace(request, plane=plane,
-                                                          slices=(0, SliceView(volume, plane).num_slices)))
-            return
-        with self._lock:
-            fp = self._plan_features(volume, request)
-            if fp.key is None or fp.cached is not None:
-                return
-            with torch.inference_mode(), self._autocast():
-                for _ in self._features(volume, request, fp):
-                    pass
+            parts = [dataclasses.replace(request, plane=p, slices=(0, SliceView(volume, p).num_slices)) for p in PLANES]
+        else:
+            parts = [request]
+        slices = sum(part.slices[1] - part.slices[0] for part in parts)
+        for part in parts:
+            with self._lock:  # per plane: a Run may come in between
+                fp = self._plan_features(volume, part)
+                if fp.key is None or fp.cached is not None:
+                    continue
+                with torch.inference_mode(), self._autocast():
+                    for first, stop, features in self._features(volume, part, fp):
+                        needed = sum(t.numel() * t.element_size() for t in features) / (stop - first) * slices
+                        if needed > self.cache_bytes:  # the run could not use it: encoding now would be waste
+                            log.info("Not prefetched: the image features (%.0f MB) exceed the cache budget (%.0f MB).",
+                                     needed / 2**20, self.cache_bytes / 2**20)
+                            return
 
     def segment(self, volume: Volume, request, *, progress: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], bool] | None = None, **options) -> SegmentationResult:

@@ -135,3 +135,12 @@ def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple 
         prompts=tuple(cleaned), plane=plane, slices=(int(start), int(stop)), fusion=fusion,
         window=choose_window(volume, window), resize=resize,
         threshold=threshold, post=post or PostProcess(), warnings=tuple(warnings))
+
+
+def planes_cost(volume: Volume) -> str:
+    """What all three planes cost against one plane: every slice costs the same model pass, so the
+    ratio of slice counts — 3x for a cube, ~6x axial for a 512 x 512 x 200 CT."""
+    counts = {p: SliceView(volume, p).num_slices for p in PLANES}
+    one = default_plane(volume)
+    total = sum(counts.values())
+    return f"{total} slices ({' + '.join(f'{n} {p}' for p, n in counts.items())}), {total / counts[one]:.1f}x one {one} run"

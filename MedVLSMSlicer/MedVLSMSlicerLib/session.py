@@ -14,12 +14,13 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from medvlsm.errors import Cancelled, InputError, MedVLSMError
+from medvlsm.request import ALL_PLANES, planes_cost
 
 from . import mrml_glue as glue
 
 SCOPES = ("whole volume", "current slice", "slice range")
 # what the plane choosers show -> Settings.plane (and the request's plane)
-PLANE_CHOICES = {"axial": "axial", "coronal": "coronal", "sagittal": "sagittal", "all three (3x time)": "all"}
+PLANE_CHOICES = {"axial": "axial", "coronal": "coronal", "sagittal": "sagittal", "all three (slower)": "all"}
 
 
 def plane_label(plane: str) -> str:
@@ -95,16 +96,17 @@ class Settings:
 
 class Job:
     """One model run on a worker thread. Poll ``done``; read ``progress`` and ``phase``; ``cancel()``
-    anytime.
+    anytime. ``note``: what the run costs, when the user should know before it ends (all three planes).
 
     Inside Slicer, PythonQt holds the GIL while Qt's event loop idles, so a Python worker thread runs
     only while the GUI thread executes Python. GUI timers therefore call ``wait_gui``: the GUI thread
     sleeps on the worker (releasing the GIL) for most of each tick and the worker runs at full speed.
     """
 
-    def __init__(self, target):
+    def __init__(self, target, note: str = ""):
         self.progress = (0, 0)
         self.phase = "Starting..."
+        self.note = note
         self.result = None
         self.error: Exception | None = None
         self._cancel = threading.Event()
@@ -236,8 +238,9 @@ class Session:
             raise InputError("No prompt", "Type what to segment, one structure per line")
         request = settings.request(volume, slices, cache_key)
         model, device = settings.model, settings.device
+        note = f" on all three planes: {planes_cost(volume)}" if request.plane == ALL_PLANES else ""
         if settings.server:
-            return Job(self._remote_work(volume, request, settings))
+            return Job(self._remote_work(volume, request, settings), note)
 
         def work(job: Job):
             engine = self.engine(model, device, job)
@@ -246,7 +249,7 @@ class Session:
             job.phase = "Segmenting..."
             return engine.segment(volume, request, progress=job.report, cancel=lambda: job.cancelled)
 
-        return Job(work)
+        return Job(work, note)
 
     @staticmethod
     def _remote_work(volume, request, settings: Settings):
@@ -274,7 +277,7 @@ class Session:
     def prefetch(self, volume_node, settings: Settings, current_slice: int | None = None) -> Job:
         """While the prompt is typed: load the model and encode the slice on screen in the background,
         so a current-slice Run of any prompt then runs the decoder only; with all three planes, every
-        slice of each (the 3x encoding is paid while typing). Errors stay in the job: Run reports them."""
+        slice of each (paid while typing; skipped by the engine when it would not fit its cache). Errors stay in the job: Run reports them."""
         volume = self.volume(volume_node)
         slices = None if settings.plane == "all" else self.current_slice_range(volume, settings.plane, current_slice)
         key = self.cache_key(volume_node)

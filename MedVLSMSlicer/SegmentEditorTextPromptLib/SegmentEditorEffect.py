@@ -53,7 +53,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.promptEdit.setPlaceholderText("what to segment (default: the segment's name)")
         self.scriptedEffect.addLabeledOptionsWidget("Prompt:", self.promptEdit)
         self.planeCombo = qt.QComboBox()
-        for label in PLANE_CHOICES:  # "all three (3x time)": each plane, fused
+        for label in PLANE_CHOICES:  # "all three (slower)": each plane, fused
             self.planeCombo.addItem(label)
         self.scriptedEffect.addLabeledOptionsWidget("Plane:", self.planeCombo)
         self.thresholdSlider = qt.QSlider(qt.Qt.Horizontal)
@@ -112,7 +112,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.runButton.setText("Cancel")
         self.progressBar.setValue(0)
-        self.statusLabel.setText(f"Segmenting {prompt!r}...")
+        self.statusLabel.setText(f"Segmenting {prompt!r}{self.run.job.note}...")
         self.timer.start()
 
     def _modify(self, segmentation_node, segment_id, modifier):
