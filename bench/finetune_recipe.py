@@ -40,6 +40,9 @@ VARIANTS = {  # name -> (changes to the paper's recipe, input side)
     "lr 1e-3": ({"lr": 1e-3}, 352),
     "BCE weight 1": ({"ce_weight": 1.0}, 352),
     "batch 4": ({"batch_size": 4}, 352),
+    # bf16 autocast on the CPU: meaningful only where the CPU has native bf16 (avx512_bf16 / AMX)
+    "paper, bf16": ({"precision": "bf16"}, 352),
+    "lr 1e-3, bf16": ({"lr": 1e-3, "precision": "bf16"}, 352),
 }
 
 
