@@ -71,7 +71,7 @@ def test_in_slicer_self_test_passes():
 def test_effect_writes_the_segment_chosen_at_run_and_rethreshold_is_undoable():
     report = slicer_app("effect")
     assert report["prompt_default"] == "lung"
-    assert report["status"].startswith("Done in")
+    assert report["status"].startswith("Done in") and "random (untrained) weights" in report["status"]
     assert report["target_voxels"] > 0 and report["rethreshold_voxels"] != report["target_voxels"], report
     assert report["rethreshold_is_the_result_at_the_slider"]
     assert report["manual_unchanged"] and report["undo_manual_unchanged"]

@@ -141,8 +141,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.thresholdSlider.blockSignals(True)
         self.thresholdSlider.setValue(int(round(threshold * 100)))
         self.thresholdSlider.blockSignals(False)
+        warnings = " ".join(self.run.result.warnings)  # an untrained model, a truncated prompt: as the panel says
         self.statusLabel.setText(f"Done in {self.run.result.seconds:.1f} s. Undo reverts; the threshold re-cuts "
-                                 "instantly.")
+                                 f"instantly. {warnings}".strip())
 
     def onThresholdChanged(self, value):
         if self.run is not None and self.run.result is not None:
