@@ -40,8 +40,9 @@ def test_loss_is_dice_plus_bce_on_logits():
 
 
 def test_learning_happens_and_the_text_matters(tmp_path, capsys):
-    """Small CLIPSeg from random weights, the defaults, 15 epochs on the CPU (~2 minutes): each prompt
-    finds its own object and leaves the other (Dice >= 0.8 and <= 0.2)."""
+    """Small CLIPSeg from random weights, the defaults, on the CPU: each prompt finds its own object and
+    leaves the other (Dice >= 0.8 and <= 0.2) within 15 epochs — in 10 here (~70 s; the validation Dice
+    levels off at ~0.9 from epoch 6, bench/finetune_recipe.py runs the 15)."""
     data = tmp_path / "data"
     entries = two_object_images(data, 140, seed=0)
     train, val, test = entries[:200], entries[200:240], entries[240:]
@@ -50,7 +51,7 @@ def test_learning_happens_and_the_text_matters(tmp_path, capsys):
     assert main(["init", "--size", "small", "--output", str(tmp_path / "small")]) == 0
     code = main(["--quiet", "finetune", "--train", str(tmp_path / "train.json"), "--val", str(tmp_path / "val.json"),
                  "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tmp_path / "small"),
-                 "--output", str(tmp_path / "ft"), "--prompt-type", "p3", "--epochs", "15"])
+                 "--output", str(tmp_path / "ft"), "--prompt-type", "p3", "--epochs", "10"])
     assert code == 0, capsys.readouterr().err
     rows = log_rows(tmp_path / "ft")
     print("val Dice per epoch:", [round(float(r["val_dice"]), 3) for r in rows])
