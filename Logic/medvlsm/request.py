@@ -143,4 +143,4 @@ def planes_cost(volume: Volume) -> str:
     counts = {p: SliceView(volume, p).num_slices for p in PLANES}
     one = default_plane(volume)
     total = sum(counts.values())
-    return f"{total} slices ({' + '.join(f'{n} {p}' for p, n in counts.items())}), {total / counts[one]:.1f}x one {one} run"
+    return f"{' + '.join(f'{n} {p}' for p, n in counts.items())} slices, {total / counts[one]:.1f}x one {one} run"

@@ -263,7 +263,7 @@ class PanelController:
         self.job_volume = volume_node
         self.w("runButton").setText("Cancel")
         self.w("progressBar").setValue(0)
-        self.status(f"Segmenting {', '.join(repr(p) for p in settings.prompts)}{self.job.note}...")
+        self.status(self.job.with_note(f"Segmenting {', '.join(repr(p) for p in settings.prompts)}") + "...")
         self.timer.start()
 
     def reload_settings(self) -> None:

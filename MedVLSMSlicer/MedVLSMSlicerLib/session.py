@@ -96,7 +96,8 @@ class Settings:
 
 class Job:
     """One model run on a worker thread. Poll ``done``; read ``progress`` and ``phase``; ``cancel()``
-    anytime. ``note``: what the run costs, when the user should know before it ends (all three planes).
+    anytime. ``note``: what the user should know while it runs (what all three planes cost), shown with
+    the progress (``with_note``).
 
     Inside Slicer, PythonQt holds the GIL while Qt's event loop idles, so a Python worker thread runs
     only while the GUI thread executes Python. GUI timers therefore call ``wait_gui``: the GUI thread
@@ -122,7 +123,10 @@ class Job:
 
     def report(self, done, total):
         self.progress = (done, total)
-        self.phase = f"Segmenting: {done}/{total} slices"
+        self.phase = self.with_note(f"Segmenting: {done}/{total} slices")
+
+    def with_note(self, text: str) -> str:
+        return f"{text} - {self.note}" if self.note else text
 
     def cancel(self):
         self._cancel.set()
@@ -238,7 +242,7 @@ class Session:
             raise InputError("No prompt", "Type what to segment, one structure per line")
         request = settings.request(volume, slices, cache_key)
         model, device = settings.model, settings.device
-        note = f" on all three planes: {planes_cost(volume)}" if request.plane == ALL_PLANES else ""
+        note = f"all three planes: {planes_cost(volume)}" if request.plane == ALL_PLANES else ""
         if settings.server:
             return Job(self._remote_work(volume, request, settings), note)
 

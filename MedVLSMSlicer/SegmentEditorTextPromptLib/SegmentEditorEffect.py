@@ -112,7 +112,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.runButton.setText("Cancel")
         self.progressBar.setValue(0)
-        self.statusLabel.setText(f"Segmenting {prompt!r}{self.run.job.note}...")
+        self.statusLabel.setText(self.run.job.with_note(f"Segmenting {prompt!r}") + "...")
         self.timer.start()
 
     def _modify(self, segmentation_node, segment_id, modifier):
