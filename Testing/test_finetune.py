@@ -41,7 +41,7 @@ def test_loss_is_dice_plus_bce_on_logits():
 
 def test_learning_happens_and_the_text_matters(tmp_path, capsys):
     """Small CLIPSeg from random weights, the defaults, on the CPU: each prompt finds its own object and
-    leaves the other (Dice >= 0.8 and <= 0.2) within 15 epochs — in 10 here (~70 s; the validation Dice
+    leaves the other (Dice >= 0.8 and <= 0.2) within 15 epochs — in 10 here (~1.5 minutes; the validation Dice
     levels off at ~0.9 from epoch 6, bench/finetune_recipe.py runs the 15)."""
     data = tmp_path / "data"
     entries = two_object_images(data, 140, seed=0)
