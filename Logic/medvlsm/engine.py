@@ -96,6 +96,9 @@ class _FeaturePlan:
 class Engine:
     """Runs a ``VLSM`` over volumes. Thread-safe for one run at a time (the Slicer worker)."""
 
+    TEXT_CACHE_ENTRIES = 1024  # encoded prompts kept (a server's clients send prompts for its lifetime)
+    WARNINGS_KEPT = 256  # warnings already logged, not logged again
+
     def __init__(self, model: VLSM, device: str | torch.device | None = "auto", precision: str = "auto",
                  batch_size: int | None = None, cache_bytes: int = 0):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -106,8 +109,8 @@ class Engine:
             raise InputError(f"Batch size {self.batch_size} must be at least 1", "Use --batch-size 1 or more")
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict = OrderedDict()
-        self._text_cache: dict = {}
-        self._warned: set = set()
+        self._text_cache: OrderedDict = OrderedDict()
+        self._warned: OrderedDict = OrderedDict()
         self._lock = threading.Lock()  # one run at a time: a prefetch and a Run from the GUI may overlap
 
     # -- helpers -------------------------------------------------------------------------
@@ -117,12 +120,22 @@ class Engine:
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """``[P, D]``; remembered per prompt so re-running a prompt costs nothing."""
-        missing = [p for p in prompts if p not in self._text_cache]
-        if missing:
-            with torch.inference_mode(), self._autocast():
-                encoded = self.model.encode_text(missing)
-            self._text_cache.update(zip(missing, encoded))
-        return torch.stack([self._text_cache[p] for p in prompts])
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        encoded = dict(zip(missing, self._encode_missing(missing)))
+        for p in prompts:
+            if p in self._text_cache:
+                self._text_cache.move_to_end(p)
+                encoded[p] = self._text_cache[p]
+        self._text_cache.update((p, encoded[p]) for p in missing)
+        while len(self._text_cache) > self.TEXT_CACHE_ENTRIES:
+            self._text_cache.popitem(last=False)
+        return torch.stack([encoded[p] for p in prompts])
+
+    def _encode_missing(self, prompts: list[str]):
+        if not prompts:
+            return []
+        with torch.inference_mode(), self._autocast():
+            return list(self.model.encode_text(prompts))
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -148,7 +161,7 @@ class Engine:
         """``request`` itself, checked against ``volume``; or prompts planned with ``options``
         (``request.plan``'s keywords), so ``segment(volume, ["liver"], plane="coronal")`` works."""
         if isinstance(request, Request):
-            request.check(volume)
+            request.validate(volume)
             return request
         return plan(volume, request, **options)
 
@@ -253,8 +266,10 @@ class Engine:
             warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
         for w in warnings:
             if w not in self._warned:  # once per engine: evaluation calls segment thousands of times
-                self._warned.add(w)
+                self._warned[w] = None
                 log.warning(w)
+            while len(self._warned) > self.WARNINGS_KEPT:
+                self._warned.popitem(last=False)
         return SegmentationResult(
             grid=volume, request=request, probabilities=probabilities, threshold=threshold, model_name=spec.name,
             trained=spec.trained, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),

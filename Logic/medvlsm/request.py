@@ -10,7 +10,9 @@ carry it to a server.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import InputError
 from .postprocess import PostProcess
@@ -21,6 +23,11 @@ from .window import IntensityWindow, choose_window
 RESIZE_MODES = ("letterbox", "stretch")
 ALL_PLANES = "all"  # each of the three planes, fused on the volume's grid
 FUSIONS = ("mean", "max", "majority")
+# Caps on what one request may carry, the same here and on a server (its OpenAPI schema says them):
+MAX_PROMPTS = 64  # segments of one run; a labelmap holds them all
+MAX_PROMPT_CHARS = 1000  # a bound on memory: the encoders read 77 tokens (~300 characters), the rest is cut with a warning
+MAX_VOLUME_KEY_CHARS = 256  # Slicer's node ID + modified times, or a fingerprint
+MAX_DESCRIBE_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -56,41 +63,134 @@ class Request:
     warnings: tuple = ()
     fusion: str = "mean"
 
-    def check(self, volume: Volume) -> None:
-        """The request was planned for a volume of this shape (a server gets both over the wire)."""
+    def validate(self, volume: Volume) -> None:
+        """Every field, its type and its range, against the volume it runs on: what ``plan`` built
+        passes; what a server receives is checked by this same code. Each problem is one
+        ``InputError`` line with its fix."""
+        _check_types(self)
         if tuple(volume.shape) != tuple(self.shape):
             raise InputError(f"The request was planned for a {self.shape} volume, not {volume.shape}",
                              "Plan the request for the volume it is run on")
+        _check_prompts(self.prompts)
+        _check_options(self.plane, self.fusion, self.threshold, self.resize)
+        start, stop = self.slices
+        if self.plane == ALL_PLANES:
+            total = sum(SliceView(volume, p).num_slices for p in PLANES)
+            if (start, stop) != (0, total):
+                raise InputError(f"All three planes segment slices 0:{total} of this volume, not {start}:{stop}",
+                                 "Leave out the slice range, or choose one plane")
+        else:
+            count = SliceView(volume, self.plane).num_slices
+            if not 0 <= start < stop <= count:
+                raise InputError(f"Slice range {start}:{stop} is outside the {count} {self.plane} slices",
+                                 f"Choose START:STOP within 0:{count}")
+        low, high = self.window.low, self.window.high
+        if not (math.isfinite(low) and math.isfinite(high) and high > low):
+            raise InputError(f"Window {low:g} to {high:g} is not a finite range of positive width",
+                             "Give LEVEL,WIDTH with a positive width, e.g. 40,400")
+        if self.post.min_voxels > volume.array.size:
+            raise InputError(f"min_voxels {self.post.min_voxels} exceeds the volume's {volume.array.size} voxels",
+                             "Give a smaller minimum island size")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "Request":
-        """The inverse of ``to_json``; a malformed request is an ``InputError`` naming the problem."""
+        """The inverse of ``to_json``: exactly its fields, of its types (no conversion: "0.5" is not a
+        threshold). The prompts are cleaned again and their warnings derived from them, as ``plan``
+        does. A malformed request is an ``InputError`` naming the problem; ``validate(volume)`` checks
+        the values against the volume it runs on."""
         try:
-            d = json.loads(text)
-            d["window"] = IntensityWindow(**d["window"])
-            d["post"] = PostProcess(**d["post"])
-            for key in ("shape", "slices", "warnings"):
-                d[key] = tuple(d[key])
-            d["prompts"] = tuple(clean_prompt(p)[0] for p in d["prompts"])
-            request = cls(**d)
-        except (ValueError, TypeError, KeyError) as e:
-            raise InputError(f"Malformed segmentation request ({e.__class__.__name__}: {e})",
-                             "Send what Request.to_json writes") from e
-        request._check_fields()
+            d = json.loads(text, parse_constant=_no_constant)
+            if not isinstance(d, dict) or set(d) != FIELDS:
+                raise ValueError(f"the fields must be {', '.join(sorted(FIELDS))}")
+            window, post = d["window"], d["post"]
+            if not isinstance(window, dict) or set(window) != {"low", "high", "describe"}:
+                raise ValueError("window must be {low, high, describe}")
+            if not isinstance(post, dict) or set(post) != {"keep_largest", "min_voxels", "fill_holes"}:
+                raise ValueError("post must be {keep_largest, min_voxels, fill_holes}")
+            for key in ("shape", "slices", "prompts"):
+                if not isinstance(d[key], list):
+                    raise ValueError(f"{key} must be a list")
+            _check_prompts(d["prompts"])
+            prompts = [clean_prompt(p) for p in d["prompts"]]
+            request = cls(volume=d["volume"], shape=tuple(d["shape"]), prompts=tuple(t for t, _ in prompts),
+                          plane=d["plane"], slices=tuple(d["slices"]), window=IntensityWindow(**window),
+                          resize=d["resize"], threshold=d["threshold"], post=PostProcess(**post),
+                          warnings=tuple(w for _, problems in prompts for w in problems), fusion=d["fusion"])
+        except InputError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise InputError(f"Malformed segmentation request: {str(e)[:200]}", "Send what Request.to_json writes") from e
+        _check_types(request)
+        _check_options(request.plane, request.fusion, request.threshold, request.resize)
         return request
 
-    def _check_fields(self) -> None:
-        start, stop = self.slices
-        if self.plane not in (*PLANES, ALL_PLANES) or not 0 <= start < stop or len(self.shape) != 3:
-            raise InputError(f"Malformed segmentation request (plane {self.plane!r}, slices {self.slices}, "
-                             f"shape {self.shape})", "Send what Request.to_json writes")
-        if (self.resize not in (None, *RESIZE_MODES) or (self.threshold is not None and not 0 < self.threshold < 1)
-                or self.fusion not in FUSIONS):
-            raise InputError(f"Malformed segmentation request (resize {self.resize!r}, threshold {self.threshold}, "
-                             f"fusion {self.fusion!r})", "Send what Request.to_json writes")
+
+FIELDS = frozenset(f.name for f in fields(Request))
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_types(request: Request) -> None:
+    """The types of a request's fields, whoever built it (a server's JSON or a caller's Python)."""
+    problems = []
+    if not isinstance(request.volume, str) or len(request.volume) > MAX_VOLUME_KEY_CHARS:
+        problems.append(f"volume must be a text of at most {MAX_VOLUME_KEY_CHARS} characters")
+    if len(request.shape) != 3 or not all(_is_int(n) and n > 0 for n in request.shape):
+        problems.append("shape must be three positive integers")
+    if len(request.slices) != 2 or not all(_is_int(n) for n in request.slices):
+        problems.append("slices must be two integers")
+    if not isinstance(request.plane, str) or not isinstance(request.fusion, str):
+        problems.append("plane and fusion must be texts")
+    if not (request.resize is None or isinstance(request.resize, str)):
+        problems.append("resize must be a text or null")
+    if not (request.threshold is None or _is_real(request.threshold)):
+        problems.append("threshold must be a number or null")
+    window, post = request.window, request.post
+    if not (isinstance(window, IntensityWindow) and _is_real(window.low) and _is_real(window.high)
+            and isinstance(window.describe, str) and len(window.describe) <= MAX_DESCRIBE_CHARS):
+        problems.append(f"window must be finite numbers low, high and a describe text of at most {MAX_DESCRIBE_CHARS}")
+    if not (isinstance(post, PostProcess) and isinstance(post.keep_largest, bool) and isinstance(post.fill_holes, bool)
+            and _is_int(post.min_voxels) and post.min_voxels >= 0):
+        problems.append("post must be keep_largest and fill_holes true/false and min_voxels an integer >= 0")
+    if problems:
+        raise InputError(f"Malformed segmentation request: {problems[0]}", "Send what Request.to_json writes")
+
+
+def _check_prompts(prompts) -> None:
+    if len(prompts) > MAX_PROMPTS:
+        raise InputError(f"{len(prompts)} prompts in one run; at most {MAX_PROMPTS} are segmented together",
+                         "Split the prompts over several runs")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise InputError("A prompt is not a text", "Send each prompt as a text")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InputError(f"A prompt of {len(prompt)} characters is longer than the {MAX_PROMPT_CHARS} accepted "
+                             "(the text encoders read about 300 at most)", "Shorten the prompt")
+
+
+def _check_options(plane, fusion, threshold, resize) -> None:
+    if plane not in (*PLANES, ALL_PLANES):
+        raise InputError(f"Unknown plane {str(plane)[:40]!r}", f"Use one of: {', '.join(PLANES)} or {ALL_PLANES}")
+    if fusion not in FUSIONS:
+        raise InputError(f"Unknown fusion {str(fusion)[:40]!r}", f"Use one of: {', '.join(FUSIONS)}")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise InputError(f"Threshold {threshold} is not a probability", "Give a number between 0 and 1, e.g. 0.5")
+    if resize not in (None, *RESIZE_MODES):
+        raise InputError(f"Unknown resize mode {str(resize)[:40]!r}",
+                         "Use letterbox (keeps the aspect ratio) or stretch (as the paper)")
 
 
 def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple | None = None, window="auto",
@@ -101,14 +201,13 @@ def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple 
     ``prompts`` may be empty only for a prefetch (image features before any prompt is typed);
     ``window`` a name (see ``window.choose_window``) or an ``IntensityWindow`` already chosen;
     ``cache_key`` the caller's cheap identity of the volume's content (see ``Request.volume``).
+    The request is checked by ``Request.validate``, the code a server runs on what it receives.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     volume.validate()
-    if plane is not None and plane not in (*PLANES, ALL_PLANES):
-        raise InputError(f"Unknown plane {plane!r}", f"Use one of: {', '.join(PLANES)} or {ALL_PLANES}")
-    if fusion not in FUSIONS:
-        raise InputError(f"Unknown fusion {fusion!r}", f"Use one of: {', '.join(FUSIONS)}")
+    _check_options(plane or default_plane(volume), fusion, threshold, resize)
+    _check_prompts(prompts)
     if plane == ALL_PLANES:
         if slices is not None:
             raise InputError("A slice range belongs to one plane; all three planes segment the whole volume",
@@ -118,23 +217,14 @@ def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple 
         view = SliceView(volume, plane or default_plane(volume))
         plane = view.plane
         start, stop = slices if slices is not None else (0, view.num_slices)
-        if not (0 <= start < stop <= view.num_slices):
-            raise InputError(f"Slice range {start}:{stop} is outside the {view.num_slices} {view.plane} slices",
-                             f"Choose START:STOP within 0:{view.num_slices}")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise InputError(f"Threshold {threshold} is not a probability", "Give a number between 0 and 1, e.g. 0.5")
-    if resize not in (None, *RESIZE_MODES):
-        raise InputError(f"Unknown resize mode {resize!r}", "Use letterbox (keeps the aspect ratio) or stretch (as the paper)")
-    cleaned, warnings = [], []
-    for prompt in prompts:
-        text, problems = clean_prompt(prompt)
-        cleaned.append(text)
-        warnings += problems
-    return Request(
-        volume="" if cache_key is None else str(cache_key), shape=tuple(volume.shape),
-        prompts=tuple(cleaned), plane=plane, slices=(int(start), int(stop)), fusion=fusion,
-        window=choose_window(volume, window), resize=resize,
-        threshold=threshold, post=post or PostProcess(), warnings=tuple(warnings))
+    cleaned = [clean_prompt(prompt) for prompt in prompts]
+    request = Request(
+        volume="" if cache_key is None else str(cache_key), shape=tuple(int(n) for n in volume.shape),
+        prompts=tuple(text for text, _ in cleaned), plane=plane, slices=(int(start), int(stop)), fusion=fusion,
+        window=choose_window(volume, window), resize=resize, threshold=threshold, post=post or PostProcess(),
+        warnings=tuple(w for _, problems in cleaned for w in problems))
+    request.validate(volume)
+    return request
 
 
 def planes_cost(volume: Volume) -> str:
