@@ -239,7 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--token-file", default=None, help="'name token' per line: clients authenticate with a "
                     "bearer token and see only their own volumes and jobs")
     sv.add_argument("--device", default="auto")
-    sv.add_argument("--max-upload-mb", type=_positive_int, default=1024)
+    sv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a name besides localhost's that requests may be addressed to (Host and Origin headers) "
+                    "(repeat); a server without tokens answers localhost names only, against DNS rebinding")
+    sv.add_argument("--max-upload-mb", type=_positive_int, default=1024,
+                    help="bytes one upload may send (compressed), and all uploads in flight together")
+    sv.add_argument("--max-voxels", type=_positive_int, default=1 << 28,
+                    help="voxels an uploaded volume may hold (default 268435456 = 512 x 512 x 1024), checked "
+                    "before decoding")
+    sv.add_argument("--max-volume-mb", type=_positive_int, default=1024,
+                    help="bytes an uploaded volume may decode to (voxels x bytes per voxel), checked before decoding")
+    sv.add_argument("--upload-idle-timeout", type=_positive_float, default=60.0,
+                    help="seconds an upload may stall before it is dropped (408)")
     sv.add_argument("--volume-cache-mb", type=_positive_int, default=8192,
                     help="uploaded volumes kept in memory (least recently used out first; never on disk)")
     sv.add_argument("--volume-ttl", type=_positive_float, default=3600.0, help="seconds an uploaded volume is kept")
@@ -362,6 +373,9 @@ def cmd_serve(args):
     sources = args.model or [default_model_name()]
     models = {Path(m).name if Path(m).exists() else m: m for m in sources}
     config = ServerConfig(models=models, tokens=read_tokens(args.token_file) if args.token_file else {},
+                          token_file=args.token_file, allowed_hosts=tuple(args.allow_host),
+                          max_voxels=args.max_voxels, max_volume_bytes=args.max_volume_mb << 20,
+                          upload_idle_timeout_s=args.upload_idle_timeout,
                           host=args.host, device=args.device, max_upload_bytes=args.max_upload_mb << 20,
                           volume_cache_bytes=args.volume_cache_mb << 20, volume_ttl_s=args.volume_ttl,
                           job_timeout_s=args.job_timeout, max_jobs_per_client=args.max_runs_per_client,

@@ -16,7 +16,7 @@ import urllib.request
 
 import numpy as np
 
-from . import io
+from . import wire
 from .errors import Cancelled, InputError, MedVLSMError
 from .postprocess import PostProcess, threshold as cut
 from .result import SegmentationResult
@@ -107,7 +107,7 @@ class Client:
         """The volume's key on the server; uploaded only if the server does not hold it yet."""
         key = volume.fingerprint()
         if self._call("HEAD", f"/volumes/{key}")[0] != 200:
-            self._call("PUT", f"/volumes/{key}", io.nrrd_bytes(volume), "application/octet-stream")
+            self._call("PUT", f"/volumes/{key}", wire.encode(volume), "application/octet-stream")
         return key
 
     def start(self, volume, request, model: str | None = None) -> str:
@@ -138,9 +138,11 @@ class Client:
 
     def _result(self, volume, request, job: str) -> RemoteResult:
         layers = {}
+        values = int(np.prod(volume.shape)) * max(1, len(request.prompts))  # at most one layer per prompt
+        limits = wire.Limits(max_values=values, max_bytes=2 * values)  # uint8 layers, a uint16 labelmap at most
         for kind in ("probabilities", "masks", "labelmap"):
-            grid, array, facts = io.from_nrrd_bytes(self._call("GET", f"/jobs/{job}/{kind}")[1],
-                                                    max_voxels=2**40, source=f"the server's {kind}")
+            grid, array, facts = wire.decode(self._call("GET", f"/jobs/{job}/{kind}")[1], limits,
+                                             source=f"The server's {kind}")
             if not grid.same_grid(volume) or array.shape[-3:] != volume.shape:
                 raise ServerError("The server's result is not on the volume's grid", "Report this server")
             layers[kind] = array

@@ -3,9 +3,9 @@
 The protocol (OpenAPI schema at ``/openapi.json``, interactive at ``/docs``):
 
 - ``HEAD /volumes/{key}``: 200 if this client's volume is held, 404 if it must be uploaded;
-- ``PUT /volumes/{key}``: the volume as gzip NRRD bytes (``io.nrrd_bytes``); ``key`` is its
-  ``Volume.fingerprint()`` (content + geometry), checked here: one upload per volume, then each run
-  sends only its request;
+- ``PUT /volumes/{key}``: the volume as NRRD bytes in the wire format of ``wire.py`` (gzip or raw,
+  attached data only); ``key`` is its ``Volume.fingerprint()`` (content + geometry), checked here:
+  one upload per volume, then each run sends only its request;
 - ``POST /jobs``: ``{"volume": key, "request": Request JSON, "model": name or null}`` -> ``{"job": id}``;
   the run starts in the background;
 - ``GET /jobs/{id}``: state, progress, error (or ``/jobs/{id}/events``: the same as server-sent events);
@@ -15,42 +15,64 @@ The protocol (OpenAPI schema at ``/openapi.json``, interactive at ``/docs``):
   labels ``[K, J, I]`` as gzip NRRD with the grid and the run's facts (probabilities x 255, rounded;
   masks and labelmap at the request's threshold and post-processing: the bytes a local run makes).
 
-The image-feature cache lives here, so a re-prompt of a held volume runs the decoder only.
-Security: binds to localhost by default; anywhere else needs a token file (``name token`` per line);
+The image-feature cache lives here, so a re-prompt of a held volume runs the decoder only; it is
+kept per client, so no client learns from a cache hit what another client segmented.
+
+Security (the README's "Security" section lists each rule with its option): binds to localhost by
+default, where only requests addressed to a localhost name (Host and Origin) are answered, against
+DNS rebinding; anywhere else needs a token file (``name token`` per line, re-read when it changes);
 bearer tokens are compared in constant time; each client sees only its own volumes and jobs; model
-names come from the server's list, never paths; uploads are size-limited and kept in memory only,
-bounded in bytes and time; so are finished results, and each client may have only a few runs waiting
-(one client cannot queue the GPU away from the others). TLS belongs to a reverse proxy in front (README).
+names come from the server's list, never paths. Uploads are decoded by ``wire.decode``: attached data
+only, their decoded size checked against ``--max-voxels`` / ``--max-volume-mb`` before a byte is
+inflated. Requests are checked by ``Request.validate``, the code a local run uses, with caps on
+prompts; every body is size-limited; anything malformed is one 4xx line, never a 500. Volumes and
+results are kept in memory only, bounded in bytes and time; each client may have only a few runs
+waiting (one client cannot queue the GPU away from the others). The log holds what the server
+decided, one printable bounded line per event, never raw client text. TLS belongs to a reverse proxy
+in front (README).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
+import os
+import re
 import secrets
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, HTTPException, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Path as PathParam, Response
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from . import io
+from . import wire
 from .errors import Cancelled, InputError, MedVLSMError
-from .request import Request
+from .postprocess import PostProcess
+from .request import (ALL_PLANES, FUSIONS, MAX_DESCRIBE_CHARS, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_VOLUME_KEY_CHARS,
+                      RESIZE_MODES, Request)
+from .volume import PLANES
 
 log = logging.getLogger("medvlsm")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOCAL_CLIENT = "local"
+VOLUME_KEY = r"^[0-9a-f]{32}$"  # Volume.fingerprint(): 16 bytes of blake2b in hex
+MAX_LOG_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -62,8 +84,12 @@ class ServerConfig:
     tokens: dict = field(default_factory=dict)
     host: str = "127.0.0.1"
     device: str = "auto"
-    max_upload_bytes: int = 1 << 30
-    max_voxels: int = 2_000_000_000
+    token_file: str | None = None  # re-read when it changes; ``tokens`` then holds its first reading
+    allowed_hosts: tuple = ()  # names besides localhost's that Host/Origin may give (a token-less server)
+    max_upload_bytes: int = 1 << 30  # what is sent (compressed); all uploads in flight together too
+    max_voxels: int = 1 << 28  # what it decodes to: 512 x 512 x 1024 voxels (or values of an RGB volume)
+    max_volume_bytes: int = 1 << 30  # and in bytes: a float32 512 x 512 x 1024 CT
+    max_json_bytes: int = 64 << 10  # any other body; a request with 64 prompts of 1000 characters fits
     volume_cache_bytes: int = 8 << 30
     volume_ttl_s: float = 3600.0
     job_timeout_s: float = 600.0
@@ -95,6 +121,44 @@ def read_tokens(path) -> dict:
     if not tokens:
         raise InputError(f"{path} holds no token", "Write one 'name token' line per client")
     return tokens
+
+
+class TokenSource:
+    """The server's tokens: ``config.tokens``, or its token file re-read whenever it changes (checked at
+    most once a second), so a token removed from the file stops working at once, without a restart. A
+    token file that cannot be read or holds no valid line lets nobody in until it is fixed (one log
+    line); it never switches the server to no authentication."""
+
+    def __init__(self, config: ServerConfig):
+        self.path, self.tokens = config.token_file, dict(config.tokens)
+        self.required = bool(config.tokens or config.token_file)
+        self._stamp, self._checked = self._stat(), time.monotonic()
+        self._lock = threading.Lock()
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path) if self.path else None
+        except OSError:
+            return "missing"
+        return st and (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> dict:
+        if not self.path:
+            return self.tokens
+        with self._lock:
+            if time.monotonic() - self._checked >= 1.0:
+                self._checked = time.monotonic()
+                stamp = self._stat()
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    try:
+                        self.tokens = read_tokens(self.path)
+                        log.warning("Token file re-read: %d client(s)", len(self.tokens))
+                    except (OSError, InputError) as e:
+                        self.tokens = {}
+                        log.warning("Token file unusable (%s): every request is refused until it is fixed",
+                                    e.__class__.__name__)
+            return self.tokens
 
 
 class VolumeStore:
@@ -167,8 +231,8 @@ class ServerJob:
             state, error = "cancelled", "timed out" if not self._cancel.is_set() else "cancelled by the client"
         except MedVLSMError as e:
             error = str(e)
-        except Exception as e:  # reported to the client in one line; the details stay in the server's log
-            log.exception("Job failed")
+        except Exception as e:  # a bug of ours (client input is refused before a job starts): one log line
+            log.error("A run failed", exc_info=e)
             error = f"unexpected {e.__class__.__name__} on the server"
         finally:
             self.volume = None  # the store keeps the volume; the job needs only its result
@@ -229,20 +293,157 @@ class JobStore:
                 held -= self._jobs.pop(job_id).result_bytes
 
 
-def _volume_from_upload(body: bytes, key: str, max_voxels: int):
-    volume, _, _ = io.from_nrrd_bytes(body, max_voxels)
+def _volume_from_upload(body: bytearray, key: str, limits: wire.Limits):
+    volume, _, _ = wire.decode(body, limits)
     volume.validate()
     if volume.fingerprint() != key:
         raise InputError("The uploaded volume does not match its key", "Key a volume by Volume.fingerprint()")
     return volume
 
 
-class JobIn(BaseModel):
+# ---- the request body as typed models: the OpenAPI schema states every field, type and cap. The
+# values are then checked by Request.from_json and Request.validate, the code a local run uses.
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class WindowIn(_Strict):
+    low: float
+    high: float
+    describe: str = Field(max_length=MAX_DESCRIBE_CHARS)
+
+
+class PostIn(_Strict):
+    keep_largest: bool = False
+    min_voxels: int = Field(default=0, ge=0)
+    fill_holes: bool = False
+
+
+class RequestIn(_Strict):
+    """``Request.to_json``: what to segment in the uploaded volume, and how (see ``request.py``)."""
+
+    volume: str = Field(pattern=VOLUME_KEY, description="the uploaded volume's key")
+    shape: list[int] = Field(min_length=3, max_length=3)
+    prompts: list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]] = Field(max_length=MAX_PROMPTS)
+    plane: Literal[(*PLANES, ALL_PLANES)]
+    slices: list[int] = Field(min_length=2, max_length=2)
+    window: WindowIn
+    resize: Literal[RESIZE_MODES] | None = None
+    threshold: float | None = Field(default=None, gt=0, lt=1)
+    post: PostIn = PostIn()
+    warnings: list[Annotated[str, Field(max_length=2 * MAX_PROMPT_CHARS)]] = Field(default=[], max_length=2 * MAX_PROMPTS,
+                                description="ignored: derived from the prompts again here")
+    fusion: Literal[FUSIONS] = "mean"
+
+
+class JobIn(_Strict):
     """``POST /jobs``: a held volume's key, a ``Request`` as JSON, a served model (default: the first)."""
 
-    volume: str
-    request: dict
-    model: str | None = None
+    volume: str = Field(pattern=VOLUME_KEY)
+    request: RequestIn
+    model: str | None = Field(default=None, max_length=200)
+
+
+def printable(text, limit: int = MAX_LOG_CHARS) -> str:
+    """One line of printable text, at most ``limit`` characters: control characters (newlines
+    included) escaped, so no client text can forge a log line or a second line of an answer."""
+    text = str(text)
+    out = "".join(ch if unicodedata.category(ch)[0] != "C" else ch.encode("unicode_escape").decode("ascii")
+                  for ch in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
+class OneLineLog(logging.Filter):
+    """On the server's loggers: every record becomes one printable, bounded line; a traceback becomes
+    its exception's type and the place it was raised (its message may hold client text)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            error, trace = record.exc_info[1], record.exc_info[2]
+            while trace is not None and trace.tb_next is not None:
+                trace = trace.tb_next
+            where = f" at {Path(trace.tb_frame.f_code.co_filename).name}:{trace.tb_lineno}" if trace else ""
+            message += f" ({error.__class__.__name__}{where})"
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = printable(message), None
+        return True
+
+
+def _install_log_filter() -> None:
+    for name in ("medvlsm", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineLog) for f in logger.filters):
+            logger.addFilter(OneLineLog())
+
+
+def _host_name(value: str) -> str:
+    """``host[:port]`` or ``[v6]:port`` -> the name, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Gate:
+    """ASGI middleware before any route: the Host/Origin allow-list of a token-less server, and the
+    body limit of every route but the upload (which counts its own bytes as they stream in)."""
+
+    def __init__(self, app, config: ServerConfig, token_source: TokenSource):
+        self.app, self.config, self.tokens = app, config, token_source
+        self.hosts = {*LOCAL_HOSTS, *(h.lower() for h in config.allowed_hosts)}
+
+    async def _refuse(self, send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _origin_allowed(self, headers: dict) -> bool:
+        host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+        origin = headers.get(b"origin")
+        if origin is None:
+            return host in self.hosts
+        return host in self.hosts and (urlsplit(origin.decode("latin-1")).hostname or "") in self.hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if (not self.tokens.required or self.config.allowed_hosts) and not self._origin_allowed(headers):
+            log.warning("Refused a request addressed to another host or from a web page's origin")
+            return await self._refuse(send, 403, "This server answers requests addressed to "
+                                                 f"{', '.join(sorted(self.hosts))} only")
+        if scope["method"] == "PUT" and scope["path"].startswith("/volumes/"):
+            return await self.app(scope, receive, send)
+        limit = self.config.max_json_bytes
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await self._refuse(send, 400, "Content-Length is not a number")
+        if declared > limit:
+            return await self._refuse(send, 413, f"The body is {declared:,} bytes; this route accepts {limit:,}")
+        chunks, size, more = [], 0, True
+        while more:  # small bodies only: read here with the limit, handed on whole
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return await self._refuse(send, 413, f"The body exceeds {limit:,} bytes")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
 
 
 RESULT_KINDS = ("probabilities", "masks", "labelmap")
@@ -262,7 +463,7 @@ def result_layers(job: ServerJob, kind: str) -> bytes:
              "model": result.model_name, "trained": str(result.trained), "device": result.device,
              "dtype": result.dtype, "seconds": f"{result.seconds:.6f}", "warnings": json.dumps(result.warnings),
              "from_cache": str(result.from_cache)}
-    return io.nrrd_bytes(result.grid, layers, facts)
+    return wire.encode(result.grid, layers, facts)
 
 
 class LocalEngines:
@@ -288,19 +489,26 @@ def create_app(config: ServerConfig, runner=None):
     from concurrent.futures import ThreadPoolExecutor
 
     config.check()
+    _install_log_filter()
     app = FastAPI(title="MedVLSM", version="1", description=__doc__.split("\n\n")[0])
     app.state.runner = LocalEngines(config) if runner is None else runner
+    tokens = TokenSource(config)
+    app.add_middleware(Gate, config=config, token_source=tokens)
     volumes = VolumeStore(config.volume_cache_bytes, config.volume_ttl_s)
     jobs = app.state.jobs = JobStore(config.max_jobs_per_client, config.result_cache_bytes, config.volume_ttl_s)
     workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medvlsm-job")
+    limits = wire.Limits(max_values=config.max_voxels, max_bytes=config.max_volume_bytes)
+    decoding = threading.Lock()  # one upload decoded at a time: at most one decoded budget in memory
+    receiving = {"bytes": 0}  # upload bytes held by all connections together (the event loop's thread only)
+    key_param = PathParam(pattern=VOLUME_KEY, description="Volume.fingerprint() of the volume")
 
-    def client(authorization: str | None = Header(default=None)) -> str:
+    def client(authorization: str | None = Header(default=None, max_length=1024)) -> str:
         """The client's name from its bearer token (every token compared, in constant time)."""
-        if not config.tokens:
+        if not tokens.required:
             return LOCAL_CLIENT
         given = (authorization or "").removeprefix("Bearer ").strip()
         name = None
-        for token, owner in config.tokens.items():
+        for token, owner in tokens.current().items():
             if hmac.compare_digest(given.encode(), token.encode()):
                 name = owner
         if name is None:
@@ -311,42 +519,78 @@ def create_app(config: ServerConfig, runner=None):
     async def one_line_422(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
+        return JSONResponse({"detail": printable(f"{where}: {first.get('msg', 'invalid')}")}, status_code=422)
 
     @app.exception_handler(InputError)
     async def input_error(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        status = 413 if "accepted here" in str(exc) else 422  # a budget, or a malformed value
+        return JSONResponse({"detail": printable(exc)}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return JSONResponse({"detail": printable(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_fault(request, exc):  # a bug of ours, never a client's input: one line, no client text
+        log.error("Internal error on %s %s", request.method, request.scope.get("route").path
+                  if request.scope.get("route") else "(no route)", exc_info=exc)
+        return JSONResponse({"detail": "Internal server error (logged on the server)"}, status_code=500)
 
     @app.get("/models")
     def served_models(name: str = Depends(client)):
         return {"models": list(config.models), "default": next(iter(config.models))}
 
     @app.head("/volumes/{key}")
-    def has_volume(key: str, name: str = Depends(client)):
+    def has_volume(key: str = key_param, name: str = Depends(client)):
         if volumes.get(name, key) is None:
             raise HTTPException(404, "Upload this volume first")
         return Response(status_code=200)
 
-    @app.put("/volumes/{key}")
-    async def put_volume(key: str, request: HTTPRequest, name: str = Depends(client)):
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > config.max_upload_bytes:
-            raise HTTPException(413, f"The upload is {declared >> 20} MB; this server accepts "
-                                     f"{config.max_upload_bytes >> 20} MB")
-        body = bytearray()
+    async def receive_upload(request: HTTPRequest, body: bytearray) -> None:
+        """The body into ``body``, within the upload limit (this one and all in flight together) and
+        the idle timeout; an aborted upload is one log line."""
         chunks = request.stream().__aiter__()
         while True:
             try:  # a client that stops sending mid-upload does not hold a connection forever
                 chunk = await asyncio.wait_for(chunks.__anext__(), config.upload_idle_timeout_s)
             except StopAsyncIteration:
-                break
+                return
             except asyncio.TimeoutError:
                 raise HTTPException(408, f"The upload stalled for {config.upload_idle_timeout_s:g} s") from None
-            body += chunk
-            if len(body) > config.max_upload_bytes:
+            except ClientDisconnect:
+                log.warning("An upload was aborted by its client after %d bytes", len(body))
+                raise HTTPException(400, "The upload was aborted") from None
+            if len(body) + len(chunk) > config.max_upload_bytes:
                 raise HTTPException(413, f"The upload exceeds {config.max_upload_bytes >> 20} MB")
-        # decompressing and hashing a CT takes a moment: off the event loop, so other clients' polls go on
-        volumes.put(name, key, await asyncio.to_thread(_volume_from_upload, bytes(body), key, config.max_voxels))
+            if receiving["bytes"] + len(chunk) > config.max_upload_bytes:
+                raise HTTPException(503, "The server is receiving other uploads; send again in a moment",
+                                    headers={"Retry-After": "5"})
+            body += chunk
+            receiving["bytes"] += len(chunk)
+
+    @app.put("/volumes/{key}", responses={413: {"description": "over --max-upload-mb, --max-voxels or "
+                                                              "--max-volume-mb"}})
+    async def put_volume(request: HTTPRequest, key: str = key_param, name: str = Depends(client)):
+        """The volume as NRRD (gzip or raw, attached data, LPS; see ``wire.py``), decoded within the limits."""
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise HTTPException(400, "Content-Length is not a number") from None
+        if declared > config.max_upload_bytes:
+            raise HTTPException(413, f"The upload is {declared >> 20} MB; this server accepts "
+                                     f"{config.max_upload_bytes >> 20} MB")
+        body = bytearray()
+        try:
+            await receive_upload(request, body)
+
+            def decode():
+                with decoding:
+                    return _volume_from_upload(body, key, limits)
+
+            # decompressing and hashing a CT takes a moment: off the event loop, so other clients' polls go on
+            volumes.put(name, key, await asyncio.to_thread(decode))
+        finally:
+            receiving["bytes"] -= len(body)
         return {"volume": key}
 
     @app.post("/jobs")
@@ -357,10 +601,12 @@ def create_app(config: ServerConfig, runner=None):
         volume = volumes.get(name, job_in.volume)
         if volume is None:
             raise HTTPException(404, "Upload this volume first (it may have expired)")
-        request = Request.from_json(json.dumps(job_in.request))
-        request.check(volume)
-        if request.volume != job_in.volume:  # the feature cache is keyed on the server's identity
+        request = Request.from_json(job_in.request.model_dump_json())
+        request.validate(volume)
+        if request.volume != job_in.volume:
             raise InputError("The request's volume is not the uploaded one", "Send request.volume = the volume key")
+        # the feature cache is keyed per client: no client learns from a cache hit what another segmented
+        request = dataclasses.replace(request, volume=f"{name}/{job_in.volume}")
         job = ServerJob(name, volume, request, time.monotonic() + config.job_timeout_s)
         job_id = jobs.add(job)
         workers.submit(job.run, app.state.runner, model)
@@ -398,10 +644,8 @@ def create_app(config: ServerConfig, runner=None):
         return job.status()
 
     @app.get("/jobs/{job_id}/{kind}")
-    def job_result(job_id: str, kind: str, name: str = Depends(client)):
+    def job_result(job_id: str, kind: Literal[RESULT_KINDS], name: str = Depends(client)):
         job = jobs.get(job_id, name)
-        if kind not in RESULT_KINDS:
-            raise HTTPException(404, f"Ask for one of: {', '.join(RESULT_KINDS)}")
         if job.state != "done":
             raise HTTPException(409, f"The job is {job.state}" + (f": {job.error}" if job.error else ""))
         return Response(result_layers(job, kind), media_type="application/octet-stream")
