@@ -222,7 +222,7 @@ class MedVLSMSlicerLogic(ScriptedLoadableModuleLogic):
     def session(self):
         from MedVLSMSlicerLib.session import shared_session
 
-        return shared_session(slicer.mrmlScene)
+        return shared_session(slicer.mrmlScene, editor_history=segment_editor_history)
 
     def segment(self, volume_node, prompts, segmentation_node=None, model="", plane="axial", device="auto"):
         """Run synchronously and write one segment per prompt; returns the segmentation node."""
@@ -321,6 +321,16 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.controller is not None and self.controller.running:
             self.controller.job.cancel()
+
+
+def segment_editor_history():
+    """The Segment Editor module's widget (SegmentEditor.py: ``self.editor``, a
+    qMRMLSegmentEditorWidget): Apply saves its undo state there, so the Segment Editor's Undo and the
+    panel's Undo are one history. ``widgetRepresentation()`` creates the module's widget if the user
+    never opened it."""
+    from MedVLSMSlicerLib import mrml_glue as glue
+
+    return glue.EditorHistory(slicer.modules.segmenteditor.widgetRepresentation().self().editor)
 
 
 def dicom_files(volume_node):

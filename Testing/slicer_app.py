@@ -16,8 +16,10 @@ and 5.8.1 where the two differ):
   dialogs, ``slicer.packaging`` (Base/Python/slicer/packaging.py, 5.11+), ``ScriptedLoadableModule``
   (Base/Python/slicer/ScriptedLoadableModule.py), ``AbstractScriptedSegmentEditorEffect``
   (.../EditorEffects/Python/SegmentEditorEffects/AbstractScriptedSegmentEditorEffect.py), the effect
-  host and the Segment Editor's parameter node (Modules/Scripted/SegmentEditor/SegmentEditor.py,
-  Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx);
+  host, and the Segment Editor module's widget with its parameter node, its logic and the undo
+  history that logic holds (``SegmentEditorWidget``: Modules/Scripted/SegmentEditor/SegmentEditor.py,
+  Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx, whose saveStateForUndo, undo
+  and redo call the logic from 5.10 on);
 - PythonQt's event loop, which holds the GIL while Qt idles (``hold_gil_event_loop``).
 
 Slicer's Python has no ``medvlsm`` installed: the harness hides this checkout's editable install, so
@@ -135,6 +137,7 @@ def install_slicer(qapp, version, answer_confirm=True):
     slicer.mrmlScene = scene
     slicer.app = FakeApplication(qapp, version)
     slicer.modules = types.SimpleNamespace()
+    slicer.modules.segmenteditor = SegmentEditorModule(slicer)
     slicer.selfTests = {}
 
     def confirm(text, *a, **k):
@@ -369,14 +372,13 @@ def install_effect_api(slicer):
     sys.modules["SegmentEditorEffects"] = abstract
 
 
-class EditorHost:
-    """The Segment Editor module with one effect active: its singleton parameter node
-    (SegmentEditor.py::selectParameterNode), its logic, and an options frame
-    (qMRMLSegmentEditorWidget: effects are clones of the registered ones)."""
+class SegmentEditorWidget:
+    """The Segment Editor module's qMRMLSegmentEditorWidget (SegmentEditor.py: ``self.editor``) as
+    Slicer >= 5.10 implements its Python API: one vtkSlicerSegmentEditorLogic on the module's
+    singleton parameter node (SegmentEditor.py::selectParameterNode); saveStateForUndo, undo and redo
+    call that logic (qMRMLSegmentEditorWidget.cxx). ``stroke`` is what a Paint stroke does."""
 
-    def __init__(self, slicer, segmentation_node, volume_node, effect_name):
-        from Qt import QtWidgets
-
+    def __init__(self, slicer):
         scene = slicer.mrmlScene
         node = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
         if node is None:
@@ -388,6 +390,65 @@ class EditorHost:
         self.logic = slicer.vtkSlicerSegmentEditorLogic()
         self.logic.SetMRMLScene(scene)
         self.logic.SetSegmentEditorNode(node)
+
+    def segmentationNode(self):
+        return self.logic.GetSegmentationNode()
+
+    def setSegmentationNode(self, node):
+        self.logic.SetSegmentationNode(node)
+
+    def saveStateForUndo(self):
+        self.logic.SaveStateForUndo()
+
+    def undo(self):
+        self.logic.Undo()
+
+    def redo(self):
+        self.logic.Redo()
+
+    def stroke(self, segmentation_node, volume_node, name, region):
+        """Add segment (if new) and paint ``region`` into it, each step after saving its undo state."""
+        import slicer
+        from MedVLSMSlicerLib import mrml_glue as glue
+
+        self.setSegmentationNode(segmentation_node)
+        self.saveStateForUndo()  # qMRMLSegmentEditorWidget::onAddSegment saves first
+        segmentation = segmentation_node.GetSegmentation()
+        sid = segmentation.GetSegmentIdBySegmentName(name) or segmentation.AddEmptySegment("", name)
+        self.logic.ModifySegmentByLabelmap(segmentation_node, sid,
+                                           glue._mask_in_segmentation_frame(region, volume_node, segmentation_node),
+                                           slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, False, False)
+        return sid
+
+
+class SegmentEditorModule:
+    """``slicer.modules.segmenteditor``: its widget is built on the first widgetRepresentation()."""
+
+    def __init__(self, slicer):
+        self.slicer, self._representation = slicer, None
+
+    def widgetRepresentation(self):
+        if self._representation is None:
+            widget = types.SimpleNamespace(editor=SegmentEditorWidget(self.slicer))
+            self._representation = types.SimpleNamespace(self=lambda: widget)
+        return self._representation
+
+
+def segment_editor_widget(slicer) -> SegmentEditorWidget:
+    return slicer.modules.segmenteditor.widgetRepresentation().self().editor
+
+
+class EditorHost:
+    """The Segment Editor module with one effect active: the module's widget (its singleton node and
+    logic, ``segment_editor_widget``) and an options frame (qMRMLSegmentEditorWidget: effects are
+    clones of the registered ones)."""
+
+    def __init__(self, slicer, segmentation_node, volume_node, effect_name):
+        from Qt import QtWidgets
+
+        self.widget = segment_editor_widget(slicer)
+        node, self.logic = self.widget.node, self.widget.logic
+        self.node = node
         node.SetAndObserveSegmentationNode(segmentation_node)
         node.SetAndObserveSourceVolumeNode(volume_node)
         self.logic.SetSegmentationNode(segmentation_node)
@@ -406,7 +467,7 @@ class EditorHost:
         self.effect.self().activate()
 
     def undo(self):
-        self.logic.Undo()
+        self.widget.undo()
 
 
 def hold_gil_event_loop(until, timeout_s):
@@ -631,7 +692,88 @@ def scenario_effect(args):
     REPORT["undo_manual_unchanged"] = bool(np.array_equal(glue.read_segment(segmentation, manual, volume), drawn))
 
 
-SCENARIOS = {"startup": scenario_startup, "old-slicer": scenario_old_slicer, "install": scenario_install,
+def panel_run(slicer, panel, volume, prompt, folder):
+    """Type a prompt, choose the volume, Run, and let PythonQt's loop run it to the preview."""
+    panel.add_model_folder(folder)
+    panel.w("deviceCombo").setCurrentIndex(panel.w("deviceCombo").findText("cpu"))
+    panel.w("volumeCombo").setCurrentIndex(panel.w("volumeCombo").findText(volume.GetName()))
+    panel.w("promptsEdit").setPlainText(prompt)
+    panel.run_or_cancel()
+    hold_gil_event_loop(lambda: not panel.running, timeout_s=120)
+
+
+def scenario_close_scene(args):
+    """A preview left pending, File > Close Scene, the next patient: the user creates a segmentation
+    (it gets the preview's old ID) and paints; then Discard, and a new Run: nothing of theirs goes."""
+    import numpy as np
+
+    slicer, module_py, path = start(args.layout, args.version)
+    from MedVLSMSlicerLib import mrml_glue as glue
+
+    panel = slicer.modules.medvlsmslicer.widgetRepresentation().self().controller
+    folder = tiny_model_folder()
+    first = volume_node(slicer, (8, 32, 32), 1, "patient1")
+    panel_run(slicer, panel, first, "liver", folder)
+    REPORT["preview_before_close"] = panel.session.preview is not None
+    preview_id = panel.session.preview.node.GetID()
+    slicer.mrmlScene.Clear(False)  # File > Close Scene (qSlicerCoreApplication: mrmlScene()->Clear(false))
+    REPORT["apply_enabled_after_close"] = panel.w("applyButton").isEnabled()
+    REPORT["discard_enabled_after_close"] = panel.w("discardButton").isEnabled()
+    second = volume_node(slicer, (8, 32, 32), 2, "patient2")
+    users = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")  # Segment Editor: new segmentation
+    users.CreateDefaultDisplayNodes()
+    REPORT["id_reused"] = users.GetID() == preview_id
+    drawn = np.zeros((8, 32, 32), bool)
+    drawn[2:5, 5:20, 5:20] = True
+    segment_editor_widget(slicer).stroke(users, second, "tumour", drawn)
+    panel.discard()
+    panel_run(slicer, panel, second, "kidney", folder)  # Run replaces any preview
+    panel.discard()
+    REPORT["users_node_kept"] = bool(slicer.mrmlScene.IsNodePresent(users))
+    REPORT["users_display_kept"] = users.GetDisplayNode() is not None
+    sid = users.GetSegmentation().GetSegmentIdBySegmentName("tumour")
+    REPORT["users_stroke_kept"] = bool(sid) and bool(np.array_equal(glue.read_segment(users, sid, second), drawn))
+
+
+def scenario_interleaved_undo(args):
+    """Apply from the panel, a Segment Editor stroke, then Undo in the panel, Undo and Redo in the
+    Segment Editor: one history, the last edit first, whichever tool made it."""
+    import numpy as np
+
+    slicer, module_py, path = start(args.layout, args.version)
+    from MedVLSMSlicerLib import mrml_glue as glue
+
+    panel = slicer.modules.medvlsmslicer.widgetRepresentation().self().controller
+    editor = segment_editor_widget(slicer)
+    volume = volume_node(slicer, (8, 32, 32), 3, "CT")
+    target = glue.new_segmentation(slicer.mrmlScene, volume, "seg")
+    panel.refresh_nodes()
+    panel.w("segmentationCombo").setCurrentIndex(panel.w("segmentationCombo").findText("seg"))
+    panel_run(slicer, panel, volume, "liver", tiny_model_folder())
+    panel.apply()
+
+    def names():
+        segmentation = target.GetSegmentation()
+        return sorted(segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments()))
+
+    stroke = np.zeros((8, 32, 32), bool)
+    stroke[1:4, :6, :6] = True
+    editor.stroke(target, volume, "stroke", stroke)
+    REPORT["after_apply_and_stroke"] = names()
+    panel.undo()
+    REPORT["after_panel_undo"] = names()
+    editor.undo()
+    REPORT["after_editor_undo"] = names()
+    editor.redo()
+    REPORT["after_editor_redo"] = names()
+    editor.redo()
+    REPORT["after_second_redo"] = names()
+    sid = target.GetSegmentation().GetSegmentIdBySegmentName("stroke")
+    REPORT["stroke_restored"] = bool(np.array_equal(glue.read_segment(target, sid, volume), stroke))
+
+
+SCENARIOS = {"close-scene": scenario_close_scene, "interleaved-undo": scenario_interleaved_undo,
+             "startup": scenario_startup, "old-slicer": scenario_old_slicer, "install": scenario_install,
              "selftest": scenario_selftest, "gil-panel": scenario_gil_panel, "gil-effect": scenario_gil_effect,
              "effect": scenario_effect}
 

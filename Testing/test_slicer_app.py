@@ -82,3 +82,19 @@ def test_effect_writes_the_segment_chosen_at_run_and_rethreshold_is_undoable():
 def test_worker_runs_at_full_speed_under_pythonqts_gil_holding_event_loop(scenario):
     report = slicer_app(scenario)
     assert report["loop_s"] <= 1.5 * report["free_s"], report
+
+
+def test_closing_the_scene_with_a_pending_preview_never_removes_the_next_patients_work():
+    report = slicer_app("close-scene")
+    assert report["preview_before_close"] and report["id_reused"], report
+    assert not report["apply_enabled_after_close"] and not report["discard_enabled_after_close"]
+    assert report["users_node_kept"] and report["users_display_kept"] and report["users_stroke_kept"], report
+
+
+def test_panel_and_segment_editor_share_one_undo_history():
+    report = slicer_app("interleaved-undo")
+    assert report["after_apply_and_stroke"] == ["liver", "stroke"]
+    assert report["after_panel_undo"] == ["liver"]  # the stroke, the last edit: Apply stays
+    assert report["after_editor_undo"] == []  # then the Apply
+    assert report["after_editor_redo"] == ["liver"] and report["after_second_redo"] == ["liver", "stroke"]
+    assert report["stroke_restored"]

@@ -180,7 +180,7 @@ def test_masked_apply_through_the_segment_editor_and_undo(scene):
     result = glue.read_segment(target, sid, node)
     np.testing.assert_array_equal(result, allowed & (arr >= 100))
     np.testing.assert_array_equal(glue.read_segment(target, mask_id, node), allowed)  # untouched
-    assert editor.undo()
+    editor.history.undo()
     assert target.GetSegmentation().GetSegmentIdBySegmentName("liver") == ""
     np.testing.assert_array_equal(glue.read_segment(target, mask_id, node), allowed)
 
@@ -358,7 +358,8 @@ def test_apply_never_changes_other_segments_unless_allowed(scene):
     (sid,) = session.apply(target, Settings())
     np.testing.assert_array_equal(glue.read_segment(target, manual, node), drawn)
     np.testing.assert_array_equal(glue.read_segment(target, sid, node), liver)
-    assert session.undo()
+    session.undo()
+    assert target.GetSegmentation().GetSegmentIdBySegmentName("liver") == ""
     session.preview = glue.Preview(scene, node, liver[None], ["liver"])
     session.apply(target, Settings(modify_others=True))  # opted in: the overlap leaves the drawn segment
     np.testing.assert_array_equal(glue.read_segment(target, manual, node), drawn & ~liver)
@@ -402,3 +403,90 @@ def test_slice_on_screen_is_found_without_copying_the_volume(scene):
     geometry = glue.geometry_of_node(node)
     assert geometry.shape == (6, 12, 14)
     assert geometry.array.base is not None and geometry.array.strides == (0, 0, 0)
+
+
+# ---- a working day: one patient after another, the panel and the Segment Editor mixed ----------
+
+def _paint(user_logic, segmentation, volume, name, region):
+    """A Segment Editor stroke: the editor saves its undo state (before Add segment too, as
+    qMRMLSegmentEditorWidget::onAddSegment does), then writes through its logic."""
+    user_logic.SetSegmentationNode(segmentation)
+    user_logic.SaveStateForUndo()
+    sid = segmentation.GetSegmentation().GetSegmentIdBySegmentName(name) or \
+        segmentation.GetSegmentation().AddEmptySegment("", name)
+    user_logic.ModifySegmentByLabelmap(segmentation, sid, glue._mask_in_segmentation_frame(region, volume, segmentation),
+                                       slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, False, False)
+    return sid
+
+
+def _segments(segmentation, volume):
+    seg = segmentation.GetSegmentation()
+    return {seg.GetNthSegment(n).GetName(): glue.read_segment(segmentation, seg.GetNthSegmentID(n), volume)
+            for n in range(seg.GetNumberOfSegments())}
+
+
+def test_closing_the_scene_with_a_pending_preview_never_touches_the_next_patient(scene):
+    """File > Close Scene (vtkMRMLScene::Clear(false)) resets the ID counters: the next patient's
+    segmentation gets the preview's old ID. Discard, Run and Apply must not reach it."""
+    from MedVLSMSlicerLib.session import Session, Settings
+
+    session = Session(scene)
+    first = volume_node(scene, blobs((4, 12, 12)), np.eye(4), "patient 1")
+    session.preview = glue.Preview(scene, first, np.ones((1, 4, 12, 12), bool), ["liver"])
+    preview_id = session.preview.node.GetID()
+    scene.Clear(False)
+    assert session.preview is None and session.last_result is None  # dropped with the scene
+    second = volume_node(scene, blobs((4, 12, 12), seed=2), np.eye(4), "patient 2")
+    users = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "patient 2 segmentation")
+    users.CreateDefaultDisplayNodes()
+    drawn = np.zeros((4, 12, 12), bool)
+    drawn[1:3, 2:8, 2:8] = True
+    glue.write_masks(users, second, drawn[None], ["tumour"])
+    assert users.GetID() == preview_id  # the reuse that made the stale ID dangerous
+    session.discard()
+    with pytest.raises(glue.InputError, match="Nothing to apply"):
+        session.apply(users, Settings())
+    assert scene.IsNodePresent(users) and scene.IsNodePresent(users.GetDisplayNode())
+    np.testing.assert_array_equal(_segments(users, second)["tumour"], drawn)
+    session.preview = glue.Preview(scene, second, np.ones((1, 4, 12, 12), bool), ["liver"])  # the next Run
+    (sid,) = session.apply(users, Settings())  # Apply after the close: a fresh private editor node
+    assert session.editor.alive and set(_segments(users, second)) == {"tumour", "liver"}
+    np.testing.assert_array_equal(_segments(users, second)["tumour"], drawn)
+
+
+@pytest.mark.parametrize("order", ["apply-paint-undo-undo", "paint-apply-undo-undo"])
+def test_apply_and_segment_editor_strokes_share_one_undo_history(scene, order):
+    """Undo in the panel or in the Segment Editor undoes the last edit, whichever tool made it; Redo
+    brings it back. No edit the user did not undo is ever lost."""
+    from MedVLSMSlicerLib.session import Session, Settings
+
+    node = volume_node(scene, blobs((4, 12, 12)), GEOMETRIES["oblique"])
+    target = glue.new_segmentation(scene, node)
+    user_logic = glue.headless_editor_history(scene).editor  # the Segment Editor's own logic
+    session = Session(scene, editor_history=lambda: glue.EditorHistory(user_logic))
+    liver, stroke = np.zeros((2, 4, 12, 12), bool)
+    liver[:, 6:, :] = True
+    stroke[1:3, :4, :4] = True
+    states = [{}]
+
+    def apply():
+        session.preview = glue.Preview(scene, node, liver[None], ["liver"])
+        session.apply(target, Settings())
+
+    for step in order.split("-")[:2]:
+        apply() if step == "apply" else _paint(user_logic, target, node, "stroke", stroke)
+        states.append({k: v.copy() for k, v in _segments(target, node).items()})
+    assert set(states[-1]) == {"liver", "stroke"}
+
+    def same(state):
+        now = _segments(target, node)
+        return set(now) == set(state) and all(np.array_equal(now[k], state[k]) for k in state)
+
+    session.undo()  # the panel's Undo: the last edit only, whichever tool made it
+    assert same(states[1])
+    user_logic.Undo()  # the Segment Editor's Undo: the edit before
+    assert same(states[0])
+    user_logic.Redo()
+    assert same(states[1])
+    session.redo()
+    assert same(states[2])

@@ -201,22 +201,23 @@ class temporary_nodes:
         self.scene = scene
 
     def __enter__(self):
-        self.before = _node_ids(self.scene)
+        self.before = set(_nodes(self.scene))
         return self
 
     def __exit__(self, *exc):
-        remove_nodes(self.scene, _node_ids(self.scene) - self.before)
+        remove_if_present(self.scene, [node for node in _nodes(self.scene) if node not in self.before])
         return False
 
 
-def _node_ids(scene) -> set:
-    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+def _nodes(scene) -> list:
+    return [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
 
 
-def remove_nodes(scene, ids) -> None:
-    for node_id in ids:
-        node = scene.GetNodeByID(node_id)
-        if node is not None:
+def remove_if_present(scene, nodes) -> None:
+    """Remove these node *objects* if the scene still holds them. Never by ID: a closed scene
+    (``vtkMRMLScene::Clear``) resets its ID counters, so the next patient's nodes reuse the IDs."""
+    for node in nodes:
+        if node is not None and scene.IsNodePresent(node):
             scene.RemoveNode(node)
 
 
@@ -230,7 +231,7 @@ class Preview:
     """
 
     def __init__(self, scene, volume_node, masks, prompts):
-        before = _node_ids(scene)
+        before = set(_nodes(scene))
         self.scene = scene
         self.volume_node = volume_node
         self.masks = masks
@@ -242,7 +243,8 @@ class Preview:
         if display is not None:
             display.SetOpacity2DFill(0.35)
         write_masks(self.node, volume_node, masks, self.prompts)
-        self.created = _node_ids(scene) - before  # the node, its display node, colour table...
+        # the node, its display node, colour table...: held as objects (see remove_if_present)
+        self.created = [node for node in _nodes(scene) if node not in before]
 
     def set_masks(self, masks) -> None:
         """Show new masks for the same prompts (re-threshold, post-processing): no model run."""
@@ -250,9 +252,14 @@ class Preview:
         self.node.GetSegmentation().RemoveAllSegments()
         write_masks(self.node, self.volume_node, masks, self.prompts)
 
+    @property
+    def alive(self) -> bool:
+        """False once its node left the scene (scene closed, or the user deleted it)."""
+        return self.node is not None and bool(self.scene.IsNodePresent(self.node))
+
     def discard(self) -> None:
-        remove_nodes(self.scene, self.created)
-        self.created, self.node = set(), None
+        remove_if_present(self.scene, self.created)
+        self.created, self.node = [], None
 
     def apply(self, target_node, *, overwrite: bool = False, editor=None) -> list[str]:
         """Merge into ``target_node``. With ``editor`` (an ``EditorSession``), through the Segment
@@ -275,16 +282,70 @@ def user_editor_node(scene):
     return scene.GetSingletonNode(SEGMENT_EDITOR_TAG, "vtkMRMLSegmentEditorNode")
 
 
+class EditorHistory:
+    """The undo history of the user's Segment Editor, which every edit of a segmentation goes
+    through: Apply saves its state there, so Undo in the Segment Editor or in the panel undoes the
+    last edit, whichever tool made it, and Redo redoes it. There is no second history.
+
+    ``editor``: inside Slicer, the Segment Editor module's ``qMRMLSegmentEditorWidget``, whose
+    ``saveStateForUndo`` / ``undo`` / ``redo`` slots call its own ``vtkSlicerSegmentEditorLogic``
+    (qMRMLSegmentEditorWidget.cxx, Slicer >= 5.10); without the application (tests, headless use),
+    such a logic itself. Saving a state for another segmentation than the one the editor shows
+    selects that segmentation there first, as choosing it in the Segment Editor would.
+    """
+
+    def __init__(self, editor):
+        self.editor = editor
+        self._logic = hasattr(editor, "SaveStateForUndo")
+
+    def save_state(self, segmentation_node) -> None:
+        if self._logic:
+            if self.editor.GetSegmentationNode() is not segmentation_node:
+                self.editor.SetSegmentationNode(segmentation_node)
+            self.editor.SaveStateForUndo()
+        else:
+            if self.editor.segmentationNode() is not segmentation_node:
+                self.editor.setSegmentationNode(segmentation_node)
+            self.editor.saveStateForUndo()
+
+    def undo(self) -> None:
+        (self.editor.Undo if self._logic else self.editor.undo)()
+
+    def redo(self) -> None:
+        (self.editor.Redo if self._logic else self.editor.redo)()
+
+
+def headless_editor_history(scene) -> EditorHistory:
+    """Without the Segment Editor module (no application): the history of a logic on the scene's
+    Segment Editor node, the one the module itself would use (SegmentEditor.py: singleton tag
+    "SegmentEditor"); created, unsaved and hidden, when the editor was never opened."""
+    slicer = _slicer()
+    node = user_editor_node(scene)
+    if node is None:
+        scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
+        node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+        node.UnRegister(None)
+        node.SetSingletonTag(SEGMENT_EDITOR_TAG)
+        node.SetSaveWithScene(False)
+        node.SetHideFromEditors(True)
+        node = scene.AddNode(node)
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(node)
+    return EditorHistory(logic)
+
+
 class EditorSession:
     """A Qt-free Segment Editor: ``vtkSlicerSegmentEditorLogic`` (Slicer >= 5.10) on a private
-    ``vtkMRMLSegmentEditorNode``, the same logic Slicer's effects write through.
+    ``vtkMRMLSegmentEditorNode``, the same logic Slicer's effects write through; its undo states go
+    to the user's Segment Editor history (``EditorHistory``), never to one of its own.
 
     Masking follows the user's Segment Editor (mask mode and segment, intensity range) when it edits
     the same segmentation. Other segments are never modified unless ``modify_others``: the private
     node's overwrite mode is "none" (a fresh editor node would overwrite all visible segments).
     """
 
-    def __init__(self, scene, editor_node=None):
+    def __init__(self, scene, history: EditorHistory | None = None, editor_node=None):
         slicer = _slicer()
         self.scene = scene
         if editor_node is None:
@@ -294,9 +355,15 @@ class EditorSession:
             editor_node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
             editor_node = scene.AddNode(editor_node)
         self.node = editor_node
+        self.history = history
         self.logic = slicer.vtkSlicerSegmentEditorLogic()
         self.logic.SetMRMLScene(scene)
         self.logic.SetSegmentEditorNode(self.node)
+
+    @property
+    def alive(self) -> bool:
+        """False once a scene close removed its private editor node."""
+        return bool(self.scene.IsNodePresent(self.node))
 
     def follow_user_masking(self, segmentation_node, modify_others: bool = False) -> None:
         """Copy the user's masking for ``segmentation_node``; overwrite others only if asked."""
@@ -317,7 +384,9 @@ class EditorSession:
         slicer = _slicer()
         self.logic.SetSegmentationNode(segmentation_node)
         self.logic.SetSourceVolumeNode(volume_node)
-        self.logic.SaveStateForUndo()
+        if self.history is None:
+            self.history = headless_editor_history(self.scene)
+        self.history.save_state(segmentation_node)
         ids = []
         for index, (mask, prompt) in enumerate(zip(masks, prompts)):
             sid = target_segment(segmentation_node, prompt, index, overwrite)
@@ -327,11 +396,6 @@ class EditorSession:
             ids.append(sid)
         return ids
 
-    def undo(self) -> bool:
-        if not self.logic.CanUndo():
-            return False
-        self.logic.Undo()
-        return True
 
 
 def parameter_node(scene, module_name: str = "MedVLSMSlicer"):

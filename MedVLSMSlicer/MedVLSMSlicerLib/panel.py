@@ -267,11 +267,15 @@ class PanelController:
         self.timer.start()
 
     def reload_settings(self) -> None:
-        """After a scene is loaded or closed: show the settings its parameter node holds."""
+        """After a scene is loaded or closed: show the settings its parameter node holds. The session
+        has dropped the preview of the scene that was (``Session.scene_changed``): so do the buttons."""
         if self.parameter_node is not None:
             self.settings = Settings.load(self.parameter_node)
         self.refresh_nodes()
         self._show_settings()
+        if self.session.preview is None or not self.session.preview.alive:
+            self._preview_done()
+        self.w("undoButton").setEnabled(False)
 
     def poll(self) -> None:
         job = self.job
@@ -338,7 +342,8 @@ class PanelController:
         self.w("segmentationCombo").setCurrentIndex(self.w("segmentationCombo").findText(target.GetName()))
         self._preview_done()
         self.w("undoButton").setEnabled(True)
-        self.status(f"Applied {len(ids)} segment(s) to {target.GetName()}. Undo reverts it.")
+        self.status(f"Applied {len(ids)} segment(s) to {target.GetName()}. Undo reverts the last edit of the "
+                    "segmentation, here or in the Segment Editor (one history).")
 
     def discard(self) -> None:
         self.session.discard()
@@ -346,9 +351,13 @@ class PanelController:
         self.status("Preview discarded.")
 
     def undo(self) -> None:
-        if self.session.undo():
-            self.status("Undone.")
-        self.w("undoButton").setEnabled(False)
+        """The Segment Editor's Undo: the last edit of the segmentation, whichever tool made it."""
+        try:
+            self.session.undo()
+        except Exception as e:
+            self.status(readable(e), error=True)
+            return
+        self.status("Undone: the last edit of the segmentation (Redo is in the Segment Editor).")
 
     def export(self) -> None:
         fmt = self._combo_text("exportFormatCombo")

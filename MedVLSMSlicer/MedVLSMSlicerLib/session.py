@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -160,19 +161,26 @@ def readable(error: Exception) -> str:
     return f"Unexpected {name}: {first}. Details are in the Python console; please report them."
 
 
-def shared_session(scene, model_loader=None) -> "Session":
+def shared_session(scene, model_loader=None, editor_history=None) -> "Session":
     """The one session of a scene: the panel, the Segment Editor effect and the module's logic share
-    its engines (the model is loaded once), its volume copies and its undo."""
+    its engines (the model is loaded once), its volume copies and its preview."""
     key = id(scene)
     if key not in _SHARED or _SHARED[key].scene is not scene:
-        _SHARED[key] = Session(scene, model_loader)
+        _SHARED[key] = Session(scene, model_loader, editor_history=editor_history)
     return _SHARED[key]
 
 
 class Session:
-    """Engines (one per model and device, kept warm), the last result, the preview and undo."""
+    """Engines (one per model and device, kept warm), the last result and the preview.
 
-    def __init__(self, scene, model_loader=None, cache_bytes: int = 2 << 30):
+    The scene is the truth: the preview holds its nodes as objects, and a scene close or import
+    drops it (``scene_changed``, observed here), so nothing the session does later can reach a node
+    of the next patient through a reused ID. Apply saves its undo state in the user's Segment Editor
+    history: ``editor_history()`` returns it (``mrml_glue.EditorHistory``; inside Slicer, over the
+    Segment Editor module's widget); without one, the history of the scene's Segment Editor node.
+    """
+
+    def __init__(self, scene, model_loader=None, cache_bytes: int = 2 << 30, editor_history=None):
         self.scene = scene
         self._load_model = model_loader
         self.cache_bytes = cache_bytes
@@ -181,7 +189,40 @@ class Session:
         self.preview: glue.Preview | None = None
         self.last_result = None
         self.editor: glue.EditorSession | None = None
+        self._editor_history = editor_history
+        self._headless_history: glue.EditorHistory | None = None
         self._loading = threading.Lock()  # a prefetch and a Run may both ask for the model first
+        session = weakref.ref(self)  # the scene must not keep the session alive (nor call a dead one)
+
+        def changed(*_):
+            if session() is not None:
+                session().scene_changed()
+
+        self._observers = [scene.AddObserver(event, changed) for event in (scene.EndCloseEvent, scene.EndImportEvent)]
+
+    def scene_changed(self, *_) -> None:
+        """After File > Close Scene or an import: the pending preview is dropped (its nodes removed if
+        the scene still holds them), and with it the last result and the volume copy; the private
+        editor node is re-created at the next Apply if the close removed it."""
+        self.discard()
+        self.last_result = None
+        self._volume = (None, None)
+        if self.editor is not None and not self.editor.alive:
+            self.editor = None
+
+    def close(self) -> None:
+        """Stop observing the scene (the module's cleanup)."""
+        for tag in self._observers:
+            self.scene.RemoveObserver(tag)
+        self._observers = []
+
+    def history(self) -> "glue.EditorHistory":
+        """The user's Segment Editor undo history (see the class docstring)."""
+        if self._editor_history is not None:
+            return self._editor_history()
+        if self._headless_history is None:
+            self._headless_history = glue.headless_editor_history(self.scene)
+        return self._headless_history
 
     def engine(self, model: str, device: str, job: Job | None = None):
         from medvlsm.engine import Engine
@@ -299,6 +340,8 @@ class Session:
             raise job.error
         if job.result is None:
             raise Cancelled()
+        if not self.scene.IsNodePresent(volume_node):
+            raise InputError("The volume was closed while it was being segmented", "Load it again and Run")
         self.discard()
         self.last_result = job.result
         self.preview = glue.Preview(self.scene, volume_node, self.masks(settings), job.result.prompts)
@@ -316,7 +359,7 @@ class Session:
 
     def rethreshold(self, settings: Settings) -> None:
         """Instant: re-cut the last probabilities into the preview, no model run."""
-        if self.preview is None or self.last_result is None:
+        if self.preview is None or self.last_result is None or not self.preview.alive:
             return
         self.preview.set_masks(self.masks(settings))
 
@@ -327,15 +370,22 @@ class Session:
 
     def apply(self, target_node, settings: Settings):
         """Into ``target_node`` through the Segment Editor logic: the user's masking applies, other
-        segments are untouched unless ``settings.modify_others``; undoable."""
-        if self.preview is None:
+        segments are untouched unless ``settings.modify_others``; undoable in the Segment Editor's
+        history, like any edit."""
+        if self.preview is None or not self.preview.alive:
+            self.preview = None
             raise InputError("Nothing to apply", "Run first, then Apply the preview")
-        if self.editor is None:
+        if self.editor is None or not self.editor.alive:
             self.editor = glue.EditorSession(self.scene)
+        self.editor.history = self.history()
         self.editor.follow_user_masking(target_node, settings.modify_others)
         ids = self.preview.apply(target_node, overwrite=settings.overwrite, editor=self.editor)
         self.preview = None
         return ids
 
-    def undo(self) -> bool:
-        return self.editor is not None and self.editor.undo()
+    def undo(self) -> None:
+        """The Segment Editor's Undo: the last edit of the segmentation, whichever tool made it."""
+        self.history().undo()
+
+    def redo(self) -> None:
+        self.history().redo()
