@@ -490,3 +490,32 @@ def test_apply_and_segment_editor_strokes_share_one_undo_history(scene, order):
     assert same(states[1])
     session.redo()
     assert same(states[2])
+
+
+def test_an_intensity_masked_apply_onto_another_grid_writes_or_says_why(scene):
+    """vtkSlicerSegmentEditorLogic skips a write whose labelmap is not on the aligned source volume's
+    grid (DoGeometriesMatch) when the editable intensity range is on: Apply used to report success
+    with empty segments. The mask now goes onto that grid; a masking that excludes every proposed
+    voxel is one line, and the scene is as before."""
+    from MedVLSMSlicerLib.session import Session, Settings
+
+    arr = np.zeros((4, 12, 12), np.int16)
+    arr[:, :, 6:] = 200
+    node = volume_node(scene, arr, matrix(np.eye(3), (1.0, 1.0, 2.0), (0, 0, 0)))
+    other = volume_node(scene, np.zeros((8, 24, 24), np.int16), matrix(np.eye(3), (0.5, 0.5, 1.0), (0, 0, 0)), "other")
+    target = glue.new_segmentation(scene, other, "on another grid")  # its geometry is not the volume's
+    user = _user_segment_editor(scene, target)
+    user.SetSourceVolumeIntensityMask(True)
+    user.SetSourceVolumeIntensityMaskRange(100, 300)
+    session = Session(scene)
+    proposal = np.zeros((1, 4, 12, 12), bool)
+    proposal[0, 1:3, 2:10, 2:10] = True
+    session.preview = glue.Preview(scene, node, proposal, ["liver"])
+    (sid,) = session.apply(target, Settings())
+    np.testing.assert_array_equal(glue.read_segment(target, sid, node), proposal[0] & (arr >= 100))
+    user.SetSourceVolumeIntensityMaskRange(1000, 2000)  # no voxel of the volume is that bright
+    session.preview = glue.Preview(scene, node, proposal, ["spleen"])
+    with pytest.raises(glue.InputError, match="intensity range"):
+        session.apply(target, Settings())
+    assert target.GetSegmentation().GetSegmentIdBySegmentName("spleen") == ""  # nothing half-done
+    assert session.preview is not None  # the preview stays to be applied once the masking allows it

@@ -114,6 +114,14 @@ def _mask_in_segmentation_frame(mask: np.ndarray, volume_node, segmentation_node
     return _oriented_image(mask, frame)
 
 
+def _resampled_onto(image, reference):
+    """A binary labelmap resampled (nearest neighbour) onto ``reference``'s grid."""
+    slicer = _slicer()
+    out = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, out, False)
+    return out
+
+
 def new_segmentation(scene, volume_node, name: str | None = None):
     """A segmentation node on ``volume_node``'s geometry, under the same parent transform."""
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} MedVLSM")
@@ -387,13 +395,28 @@ class EditorSession:
         if self.history is None:
             self.history = headless_editor_history(self.scene)
         self.history.save_state(segmentation_node)
-        ids = []
+        # With the editable intensity range on, the logic writes only a labelmap on the aligned source
+        # volume's grid (the segmentation's geometry) and skips any other without a word
+        # (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap, DoGeometriesMatch): go onto that grid.
+        aligned = None
+        if self.node.GetSourceVolumeIntensityMask() and self.logic.UpdateAlignedSourceVolume():
+            aligned = self.logic.GetAlignedSourceVolume()
+        ids, proposed, written = [], False, False
         for index, (mask, prompt) in enumerate(zip(masks, prompts)):
             sid = target_segment(segmentation_node, prompt, index, overwrite)
             image = _mask_in_segmentation_frame(mask, volume_node, segmentation_node)
+            if aligned is not None:
+                image = _resampled_onto(image, aligned)
             self.logic.ModifySegmentByLabelmap(segmentation_node, sid, image,
                                                slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, False, False)
             ids.append(sid)
+            proposed = proposed or bool(mask.any())
+            written = written or bool(read_segment(segmentation_node, sid, volume_node).any())
+        if proposed and not written:  # masking excluded every voxel: say so, leave the segmentation as it was
+            self.history.undo()
+            raise InputError("Nothing was written: the Segment Editor's masking (editable area or intensity range) "
+                             "excludes every voxel of the result",
+                             "Widen or turn off Masking in the Segment Editor, then Apply again")
         return ids
 
 
