@@ -319,8 +319,8 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        if self.controller is not None and self.controller.running:
-            self.controller.job.cancel()
+        if self.controller is not None:
+            self.controller.shutdown()
 
 
 def segment_editor_history():

@@ -101,7 +101,33 @@ class FakeApplication:
         return True
 
     def layoutManager(self):
-        return None
+        if getattr(self, "_layout", None) is None:
+            self._layout = LayoutManager()
+        return self._layout
+
+
+class LayoutManager:
+    """qSlicerLayoutManager: slice widgets whose mrmlSliceNode() is a real vtkMRMLSliceNode of the
+    scene, one per view (Red axial, Green coronal, Yellow sagittal), as the default layout makes them
+    (Base/QTGUI/qSlicerLayoutManager.cxx, qMRMLSliceWidget::mrmlSliceNode)."""
+
+    ORIENTATION = {"Red": "Axial", "Green": "Coronal", "Yellow": "Sagittal"}
+
+    def __init__(self):
+        self._nodes: dict = {}
+
+    def sliceWidget(self, name):
+        import slicer
+
+        node = self._nodes.get(name)
+        if node is None or not slicer.mrmlScene.IsNodePresent(node):
+            node = slicer.vtkMRMLSliceNode()
+            node.SetName(name)
+            node.SetLayoutName(name)
+            node.SetSingletonTag(name)
+            node.SetOrientation(self.ORIENTATION[name])
+            node = self._nodes[name] = slicer.mrmlScene.AddNode(node)
+        return types.SimpleNamespace(mrmlSliceNode=lambda: node)
 
 
 class ModuleHandle:
@@ -772,7 +798,62 @@ def scenario_interleaved_undo(args):
     REPORT["stroke_restored"] = bool(np.array_equal(glue.read_segment(target, sid, volume), stroke))
 
 
-SCENARIOS = {"close-scene": scenario_close_scene, "interleaved-undo": scenario_interleaved_undo,
+def scenario_prefetch(args):
+    """Typing a prompt encodes the slices under PythonQt's GIL-holding loop as fast as free-running
+    (the GUI timer gives the prefetch the GIL); the Run that follows decodes only."""
+    slicer, module_py, path = start(args.layout, args.version)
+    from MedVLSMSlicerLib.session import Settings
+
+    panel = slicer.modules.medvlsmslicer.widgetRepresentation().self().controller
+    folder = tiny_model_folder()
+    settings = Settings(model=folder, prompts=["lung"], device="cpu", plane="all")
+    measure_free_running(panel.session, volume_node(slicer, WARM_SHAPE, 0, "warm"), settings)  # loads, warms
+    free = volume_node(slicer, PREFETCH_SHAPE, 1, "free")
+    t0 = time.perf_counter()
+    panel.session.prefetch(free, settings).wait()
+    REPORT["free_s"] = time.perf_counter() - t0
+    volume = volume_node(slicer, PREFETCH_SHAPE, 2, "CT")
+    panel.add_model_folder(folder)
+    panel.w("deviceCombo").setCurrentIndex(panel.w("deviceCombo").findText("cpu"))
+    panel.w("volumeCombo").setCurrentIndex(panel.w("volumeCombo").findText(volume.GetName()))
+    panel.w("planeCombo").setCurrentIndex(panel.w("planeCombo").findText("all three (slower)"))
+    t0 = time.perf_counter()
+    panel.w("promptsEdit").setPlainText("lung")  # typing: the prefetch starts
+    REPORT["prefetch_started"] = panel.prefetch_job is not None
+    hold_gil_event_loop(lambda: panel.prefetch_job.done, timeout_s=30 * REPORT["free_s"] + 30)
+    REPORT["loop_s"] = time.perf_counter() - t0
+    REPORT["prefetch_error"] = repr(panel.prefetch_job.error) if panel.prefetch_job.error else ""
+    REPORT["timer_stopped"] = not panel.timer.isActive()
+    panel.run_or_cancel()
+    hold_gil_event_loop(lambda: not panel.running, timeout_s=120)
+    REPORT["from_cache"] = panel.session.last_result.from_cache
+
+
+PREFETCH_SHAPE = (96, 48, 48)  # all three planes: 192 slices to encode while the prompt is typed
+
+
+def scenario_cleanup(args):
+    """Slicer exits (or the module is unloaded) during a run: the timer stops, the run is cancelled
+    and its thread ends, the session stops observing the scene."""
+    slicer, module_py, path = start(args.layout, args.version)
+    widget = slicer.modules.medvlsmslicer.widgetRepresentation().self()
+    panel = widget.controller
+    volume = volume_node(slicer, (320, 48, 48), 5, "CT")
+    panel.add_model_folder(tiny_model_folder())
+    panel.w("deviceCombo").setCurrentIndex(panel.w("deviceCombo").findText("cpu"))
+    panel.w("volumeCombo").setCurrentIndex(panel.w("volumeCombo").findText(volume.GetName()))
+    panel.w("promptsEdit").setPlainText("lung")
+    panel.run_or_cancel()
+    job = panel.job
+    hold_gil_event_loop(lambda: job.progress[0] > 0, timeout_s=120)  # the run is under way
+    widget.cleanup()
+    REPORT["timer_active"] = panel.timer.isActive()
+    REPORT["thread_alive"] = not job.done
+    REPORT["cancelled"] = job.cancelled
+    REPORT["observers"] = len(panel.session._observers)
+
+
+SCENARIOS = {"close-scene": scenario_close_scene, "prefetch": scenario_prefetch, "cleanup": scenario_cleanup, "interleaved-undo": scenario_interleaved_undo,
              "startup": scenario_startup, "old-slicer": scenario_old_slicer, "install": scenario_install,
              "selftest": scenario_selftest, "gil-panel": scenario_gil_panel, "gil-effect": scenario_gil_effect,
              "effect": scenario_effect}

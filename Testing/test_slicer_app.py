@@ -98,3 +98,16 @@ def test_panel_and_segment_editor_share_one_undo_history():
     assert report["after_editor_undo"] == []  # then the Apply
     assert report["after_editor_redo"] == ["liver"] and report["after_second_redo"] == ["liver", "stroke"]
     assert report["stroke_restored"]
+
+
+def test_typing_prefetches_under_pythonqts_loop_and_the_run_decodes_only():
+    report = slicer_app("prefetch")
+    assert report["prefetch_started"] and report["prefetch_error"] == "", report
+    assert report["loop_s"] <= 1.5 * report["free_s"] + 0.5, report  # as fast as free-running
+    assert report["timer_stopped"] and report["from_cache"]
+
+
+def test_cleanup_stops_the_timer_and_cancels_the_run():
+    report = slicer_app("cleanup")
+    assert not report["timer_active"] and not report["thread_alive"] and report["cancelled"], report
+    assert report["observers"] == 0

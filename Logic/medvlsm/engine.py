@@ -204,11 +204,12 @@ class Engine:
         if fresh is not None:
             self._cache_store(fp.key, fresh)
 
-    def prefetch(self, volume: Volume, request=(), **options) -> None:
+    def prefetch(self, volume: Volume, request=(), *, cancel: Callable[[], bool] | None = None, **options) -> None:
         """Encode and cache the image features of a request's slices before any prompt is known (the
         slice the radiologist is looking at, while they type): the next ``segment`` of them runs the
         decoder only. Needs a cache (``cache_bytes`` > 0). ``request``/``options``: as ``segment``; all
-        three planes: every slice of each (a whole-volume run of them then decodes only)."""
+        three planes: every slice of each (a whole-volume run of them then decodes only). ``cancel()``
+        returning True stops it before the next batch (``Cancelled``), nothing cached."""
         request = self.request(volume, request, **options)
         if request.plane == ALL_PLANES:
             parts = [dataclasses.replace(request, plane=p, slices=(0, SliceView(volume, p).num_slices)) for p in PLANES]
@@ -221,7 +222,7 @@ class Engine:
                 if fp.key is None or fp.cached is not None:
                     continue
                 with torch.inference_mode(), self._autocast():
-                    for first, stop, features in self._features(volume, part, fp):
+                    for first, stop, features in self._features(volume, part, fp, cancel):
                         needed = sum(t.numel() * t.element_size() for t in features) / (stop - first) * slices
                         if needed > self.cache_bytes:  # the run could not use it: encoding now would be waste
                             log.info("Not prefetched: the image features (%.0f MB) exceed the cache budget (%.0f MB).",

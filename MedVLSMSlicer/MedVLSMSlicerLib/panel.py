@@ -240,6 +240,8 @@ class PanelController:
                 self.prefetch_job = self.session.prefetch(volume_node, settings, current)
             except Exception:  # an unusable volume: Run will say why
                 self.prefetch_job = None
+                return
+            self.timer.start()  # under PythonQt the worker runs only while a timer slot waits on it
 
     @property
     def running(self) -> bool:
@@ -278,8 +280,13 @@ class PanelController:
         self.w("undoButton").setEnabled(False)
 
     def poll(self) -> None:
+        """The GUI timer's slot: gives the run (or, before any Run, the prefetch) the GIL for most of
+        each tick; PythonQt holds it while Qt idles, so no worker thread advances otherwise."""
         job = self.job
         if job is None:
+            prefetch = self.prefetch_job
+            if prefetch is None or prefetch.wait_gui():
+                self.timer.stop()
             return
         job.wait_gui()  # the worker runs while the GUI thread waits (PythonQt holds the GIL otherwise)
         done, total = job.progress
@@ -358,6 +365,18 @@ class PanelController:
             self.status(readable(e), error=True)
             return
         self.status("Undone: the last edit of the segmentation (Redo is in the Segment Editor).")
+
+    def shutdown(self, wait_s: float = 5.0) -> None:
+        """The module's cleanup (Slicer calls it when the module is unloaded or Slicer exits): the timer
+        stops, a run and a prefetch are cancelled and given ``wait_s`` to end at their next batch, and
+        the session stops observing the scene."""
+        self.timer.stop()
+        for job in (self.job, self.prefetch_job):
+            if job is not None and not job.done:
+                job.cancel()
+                job.wait(wait_s)
+        self.job = self.prefetch_job = None
+        self.session.close()
 
     def export(self) -> None:
         fmt = self._combo_text("exportFormatCombo")

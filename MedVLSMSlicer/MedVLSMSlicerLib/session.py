@@ -329,7 +329,8 @@ class Session:
 
         def work(job: Job):
             engine = self.engine(settings.model, settings.device, job)
-            engine.prefetch(volume, plane=settings.plane, window=settings.window, slices=slices, cache_key=key)
+            engine.prefetch(volume, plane=settings.plane, window=settings.window, slices=slices, cache_key=key,
+                            cancel=lambda: job.cancelled)
 
         return Job(work)
 
