@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-$(BIN)/.runtime: setup.py Resources/requirements.txt Resources/requirements-standalone.txt
+$(BIN)/.runtime: setup.py Resources/requirements.txt Resources/requirements-standalone.txt Testing/constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "medvlsm needs Python 3.11 or newer (its pinned numpy, scipy, matplotlib and transformers do); this is " + sys.version.split()[0] + ". Run: make demo PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)

@@ -142,11 +142,25 @@ def missing_requirements(requirements_file):
     return missing
 
 
+def installed_distributions():
+    """Every installed distribution: ``{name: version}`` (what pip may change, dependencies included)."""
+    import importlib.metadata
+
+    return {dist.metadata["Name"]: dist.version for dist in importlib.metadata.distributions() if dist.metadata["Name"]}
+
+
 def needs_restart(before, after):
-    """Packages upgraded or installed while an older copy is already imported in this session."""
-    imported = {name.split(".")[0].lower() for name in sys.modules}
-    return sorted(name for name, version in after.items()
-                  if before.get(name) != version and name.lower().replace("-", "_") in imported)
+    """Distributions that changed (upgraded, downgraded, installed as a dependency) while one of their
+    modules is already imported in this session: the old code stays loaded until Slicer restarts."""
+    import importlib.metadata
+
+    modules_of: dict = {}
+    for module, names in importlib.metadata.packages_distributions().items():
+        for name in names:
+            modules_of.setdefault(name.lower(), set()).add(module)
+    imported = {name.split(".")[0] for name in sys.modules}
+    return sorted(name for name, version in after.items() if before.get(name) != version
+                  and (modules_of.get(name.lower(), {name.replace("-", "_")}) & imported))
 
 
 def ensure_requirements(ask=True) -> bool:
@@ -165,8 +179,17 @@ def ensure_requirements(ask=True) -> bool:
                 "MedVLSM needs PyTorch. Install it now with the PyTorch extension (the right build for this "
                 "computer's GPU)? This can take several minutes."):
             return False
-        PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+        try:
+            PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+        except Exception as e:  # offline, a proxy, no disk space: one line, details in the Python console
+            logging.error("Installing PyTorch failed", exc_info=e)
+            slicer.util.errorDisplay(f"Installing PyTorch failed ({e.__class__.__name__}: {str(e)[:200]}). Check the "
+                                     "internet connection (or install PyTorch from the PyTorch module), then open "
+                                     "MedVLSM again. Details are in the Python console.")
+            return False
         if not _installed_versions(["torch"]):
+            slicer.util.errorDisplay("PyTorch is still not installed. Install it from the PyTorch module "
+                                     "(Utilities > PyTorch Utils), then open MedVLSM again.")
             return False
     from medvlsm.resources import resource
 
@@ -180,8 +203,7 @@ def ensure_requirements(ask=True) -> bool:
         return False
     import tempfile
 
-    names = [line.split("=")[0].split(">")[0].split("<")[0].strip() for line in missing]
-    before = _installed_versions(names)
+    before = installed_distributions()
     with tempfile.TemporaryDirectory() as folder:
         constraints = write_constraints(folder)
         try:
@@ -190,10 +212,16 @@ def ensure_requirements(ask=True) -> bool:
             slicer.util.errorDisplay(f"Installing MedVLSM's Python packages failed: {e}. Check the internet "
                                      "connection, then open this module again.")
             return False
-    stale = needs_restart(before, _installed_versions(names))
+    after = installed_distributions()
+    if after == before and slicer.app.testingEnabled():  # slicer.packaging skips installs in --testing
+        slicer.util.errorDisplay("Slicer runs in testing mode, where extensions install no Python packages; "
+                                 f"MedVLSM needs {', '.join(missing)}. Install them first, or start Slicer without "
+                                 "--testing.")
+        return False
+    stale = needs_restart(before, after)
     if stale or missing_requirements(requirements):
         slicer.util.infoDisplay("MedVLSM's Python packages were installed; restart Slicer to use them"
-                                + (f" ({', '.join(stale)} were already loaded in an older version)." if stale else "."))
+                                + (f" ({', '.join(stale)} were already loaded in another version)." if stale else "."))
         return False
     return True
 
@@ -207,8 +235,10 @@ def install(requirements, constraints):
     except ImportError:
         packaging = None
     if packaging is not None and hasattr(packaging, "pip_ensure"):
+        # the user agreed already (prompt_install); the restart question is ours, asked once, with the
+        # packages that need it (prompt_restart); in --testing it installs nothing (skip_in_testing)
         packaging.pip_ensure(packaging.load_requirements(requirements), constraints=constraints,
-                             prompt_install=False, requester="MedVLSM")
+                             prompt_install=False, prompt_restart=False, requester="MedVLSM")
     else:
         slicer.util.pip_install(["-r", requirements, "-c", constraints])
 

@@ -97,8 +97,10 @@ class FakeApplication:
     def processEvents(self):
         self.qapp.processEvents()
 
+    testing = False  # `Slicer --testing` (the harness's --testing)
+
     def testingEnabled(self):
-        return True
+        return self.testing
 
     def layoutManager(self):
         if getattr(self, "_layout", None) is None:
@@ -208,7 +210,9 @@ def install_slicer(qapp, version, answer_confirm=True):
                        prompt_restart=True, requester=None, skip_in_testing=True, show_progress=True):
             REPORT["pip"].append({"pip_ensure": [str(r) for r in requirements], "constraints": str(constraints),
                                   "constraints_text": Path(constraints).read_text() if constraints else "",
-                                  "requester": requester})
+                                  "requester": requester, "prompt_restart": prompt_restart,
+                                  "prompt_install": prompt_install, "skip_in_testing": skip_in_testing})
+            # installs nothing here; in --testing, slicer.packaging installs nothing either (skip_in_testing)
 
         packaging.load_requirements, packaging.pip_ensure = load_requirements, pip_ensure
         sys.modules["slicer.packaging"] = packaging
@@ -605,6 +609,42 @@ def scenario_install(args):
     REPORT["requirements_path"] = str(requirements)
 
 
+def scenario_install_testing(args):
+    """Slicer --testing: slicer.packaging installs nothing; the module must not ask for a restart."""
+    slicer, module_py, path = start("install", args.version)
+    slicer.app.testing = True
+    requirements = path.parent / "Resources" / "requirements.txt"
+    requirements.write_text(requirements.read_text() + "medvlsm-harness-absent==1.0\n")
+    REPORT["ready"] = module_py.ensure_requirements()
+
+
+def scenario_torch_install_fails(args):
+    """No PyTorch yet, and its install fails (offline): one line with the fix, no traceback in the UI."""
+    slicer, module_py, path = start(args.layout, args.version)
+    sys.modules["torch"] = None  # `import torch` raises ImportError, as without PyTorch
+    utils = types.ModuleType("PyTorchUtils")
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation=True, **kwargs):
+            raise OSError("Could not reach download.pytorch.org")
+
+    utils.PyTorchUtilsLogic = PyTorchUtilsLogic
+    sys.modules["PyTorchUtils"] = utils
+    REPORT["ready"] = module_py.ensure_requirements()
+
+
+def scenario_effect_before_setup(args):
+    """The Text prompt effect used before the panel's set-up: it offers the same set-up."""
+    slicer, module_py, path = start("install", args.version, answer_confirm=False)
+    requirements = path.parent / "Resources" / "requirements.txt"
+    requirements.write_text(requirements.read_text() + "medvlsm-harness-absent==1.0\n")
+    volume, segmentation, host, manual, target, drawn = effect_setup(slicer, (8, 32, 32))
+    effect = host.effect.self()
+    effect.onRunOrCancel()
+    REPORT["status"] = effect.statusLabel.property("text")
+    REPORT["running"] = effect.timer.isActive()
+
+
 def scenario_selftest(args):
     slicer, module_py, path = start(args.layout, args.version)
     slicer.modules.medvlsmslicer.widgetRepresentation()
@@ -853,7 +893,8 @@ def scenario_cleanup(args):
     REPORT["observers"] = len(panel.session._observers)
 
 
-SCENARIOS = {"close-scene": scenario_close_scene, "prefetch": scenario_prefetch, "cleanup": scenario_cleanup, "interleaved-undo": scenario_interleaved_undo,
+SCENARIOS = {"install-testing": scenario_install_testing, "torch-install-fails": scenario_torch_install_fails,
+             "effect-before-setup": scenario_effect_before_setup, "close-scene": scenario_close_scene, "prefetch": scenario_prefetch, "cleanup": scenario_cleanup, "interleaved-undo": scenario_interleaved_undo,
              "startup": scenario_startup, "old-slicer": scenario_old_slicer, "install": scenario_install,
              "selftest": scenario_selftest, "gil-panel": scenario_gil_panel, "gil-effect": scenario_gil_effect,
              "effect": scenario_effect}

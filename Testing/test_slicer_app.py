@@ -50,6 +50,7 @@ def test_first_use_install_goes_through_slicer_packaging_with_shipped_packages_p
     report = slicer_app("install", "--slicer", "5.12")
     (call,) = report["pip"]
     assert call["requester"] == "MedVLSM" and "medvlsm-harness-absent==1.0" in call["pip_ensure"]
+    assert call["prompt_restart"] is False and call["prompt_install"] is False  # one question each, ours
     pinned = dict(line.split("==") for line in call["constraints_text"].split())
     assert {"torch", "numpy", "SimpleITK", "scipy", "pydicom"} <= set(pinned)
     assert len(report["confirms"]) == 1 and report["ready"] is False
@@ -111,3 +112,28 @@ def test_cleanup_stops_the_timer_and_cancels_the_run():
     report = slicer_app("cleanup")
     assert not report["timer_active"] and not report["thread_alive"] and report["cancelled"], report
     assert report["observers"] == 0
+
+
+def test_requirements_are_ranges_that_keep_what_other_extensions_installed():
+    """Slicer's Python is shared: no exact pins; an installed version inside the range is not missing."""
+    requirements = HARNESS.parents[1] / "Resources" / "requirements.txt"
+    lines = [line.split("#")[0].strip() for line in requirements.read_text().splitlines()]
+    assert all(">=" in line and "==" not in line for line in lines if line), lines
+
+
+def test_testing_mode_installs_nothing_and_asks_for_no_restart():
+    report = slicer_app("install-testing")
+    assert report["ready"] is False and not report["infos"], report  # no "restart Slicer"
+    assert "testing mode" in report["errors"][0] and "\n" not in report["errors"][0]
+
+
+def test_a_failed_pytorch_install_is_one_line_with_the_fix():
+    report = slicer_app("torch-install-fails")
+    assert report["ready"] is False and len(report["errors"]) == 1, report
+    assert "Installing PyTorch failed (OSError" in report["errors"][0] and "internet" in report["errors"][0]
+
+
+def test_the_effect_before_set_up_offers_the_set_up():
+    report = slicer_app("effect-before-setup")
+    assert len(report["confirms"]) == 1 and "medvlsm-harness-absent" in report["confirms"][0], report
+    assert "not ready" in report["status"] and not report["running"]

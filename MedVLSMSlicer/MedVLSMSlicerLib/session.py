@@ -7,6 +7,7 @@ touches MRML happens on the calling (GUI) thread in ``Job.finish`` / ``Session.c
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -158,6 +159,7 @@ def readable(error: Exception) -> str:
         return ("The GPU ran out of memory. Choose Device: CPU (slower but always fits), or close other GPU "
                 "programs and run again.")
     first = str(error).splitlines()[0][:200] if str(error) else ""
+    logging.getLogger("medvlsm").error("Unexpected %s", name, exc_info=(type(error), error, error.__traceback__))
     return f"Unexpected {name}: {first}. Details are in the Python console; please report them."
 
 

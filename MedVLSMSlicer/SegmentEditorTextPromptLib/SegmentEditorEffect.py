@@ -13,6 +13,8 @@ Widgets are driven through calls both PythonQt and PySide6 offer (``setText``, `
 ``signal.connect``), so the test harness runs this file unchanged.
 """
 
+import sys
+
 import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
@@ -97,6 +99,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.run is not None and self.run.result is None and not self.run.job.done:
             self.run.job.cancel()
             self.statusLabel.setText("Cancelling after the current batch...")
+            return
+        module = sys.modules.get("MedVLSMSlicer")  # the module file, as Slicer's loader names it
+        if module is not None and not module.ensure_requirements():  # the panel's set-up, offered here too
+            self.statusLabel.setText("MedVLSM's Python packages are not ready (see the message); once they are, "
+                                     "press Segment again.")
             return
         node = self.scriptedEffect.parameterSetNode()
         prompt = self.promptEdit.property("text").strip() or self._selected_segment_name()
