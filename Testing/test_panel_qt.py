@@ -107,6 +107,16 @@ def test_type_run_preview_rethreshold_apply_undo(panel, tmp_path):
     engine = panel.session.engine("tiny-clipseg", "auto")
     original = engine.segment
     engine.segment = lambda *a, **k: calls.append(1) or original(*a, **k)
+    slider, cuts = panel.ui["thresholdSlider"], []
+    rethreshold = panel.session.rethreshold
+    panel.session.rethreshold = lambda settings: cuts.append(settings.threshold) or rethreshold(settings)
+    slider.setSliderDown(True)  # a drag: the label follows, the preview is re-cut once, on release
+    for value in (90, 80, 70):
+        slider.setSliderPosition(value)
+    assert cuts == [] and panel.ui["thresholdValueLabel"].text() == "0.70"
+    slider.setSliderDown(False)
+    assert cuts == [pytest.approx(0.70)]
+    del panel.session.rethreshold
     before = preview.masks.sum()
     panel.ui["thresholdSlider"].setValue(95)
     assert calls == [] and preview.masks.sum() <= before

@@ -92,26 +92,36 @@ def geometry_of_node(volume_node) -> Volume:
                    volume_node.GetName())
 
 
-def _oriented_image(mask: np.ndarray, image_to_frame: np.ndarray):
-    """Binary mask ``[K, J, I]`` -> ``vtkOrientedImageData`` with the given IJK-to-RAS matrix."""
+def _oriented_image(mask: np.ndarray, image_to_frame: np.ndarray, start=(0, 0, 0)):
+    """Binary mask ``[K, J, I]`` -> ``vtkOrientedImageData`` with the given IJK-to-RAS matrix; ``start``:
+    the ``(k, j, i)`` of the mask's first voxel on that grid (a cropped mask). The voxels are shared,
+    not copied, when the mask is a contiguous bool or uint8 array (VTK keeps a reference to it)."""
     import vtk
     from vtk.util.numpy_support import numpy_to_vtk
 
     slicer = _slicer()
     image = slicer.vtkOrientedImageData()
     k, j, i = mask.shape
-    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
-    scalars = numpy_to_vtk(np.ascontiguousarray(mask, dtype=np.uint8).ravel(), deep=True,
-                           array_type=vtk.VTK_UNSIGNED_CHAR)
-    image.GetPointData().SetScalars(scalars)
+    k0, j0, i0 = start
+    image.SetExtent(i0, i0 + i - 1, j0, j0 + j - 1, k0, k0 + k - 1)
+    voxels = np.ascontiguousarray(mask)
+    voxels = voxels.view(np.uint8) if voxels.dtype == bool else voxels.astype(np.uint8)
+    image.GetPointData().SetScalars(numpy_to_vtk(voxels.ravel(), deep=False, array_type=vtk.VTK_UNSIGNED_CHAR))
     image.SetImageToWorldMatrix(_to_vtk(image_to_frame))
     return image
 
 
-def _mask_in_segmentation_frame(mask: np.ndarray, volume_node, segmentation_node):
-    """The mask as an image in the segmentation node's local frame (parent transforms honoured)."""
+def _mask_in_segmentation_frame(mask: np.ndarray, volume_node, segmentation_node, crop: bool = False):
+    """The mask as an image in the segmentation node's local frame (parent transforms honoured);
+    ``crop``: only its bounding box (a replace of the whole segment writes only that)."""
     frame = np.linalg.inv(to_world(segmentation_node)) @ ijk_to_world(volume_node)
-    return _oriented_image(mask, frame)
+    if not crop:
+        return _oriented_image(mask, frame)
+    spans = [np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if any(span.size == 0 for span in spans):  # empty: one background voxel
+        return _oriented_image(np.zeros((1, 1, 1), bool), frame)
+    box = tuple(slice(span[0], span[-1] + 1) for span in spans)
+    return _oriented_image(mask[box], frame, tuple(b.start for b in box))
 
 
 def _resampled_onto(image, reference):
@@ -170,16 +180,20 @@ def write_masks(segmentation_node, volume_node, masks: np.ndarray, prompts, *, o
 
     Returns the segment IDs written (see ``target_segment`` for which).
     """
+    ids = [target_segment(segmentation_node, prompt, index, overwrite) for index, prompt in enumerate(prompts)]
+    replace_segments(segmentation_node, ids, volume_node, masks)
+    return ids
+
+
+def replace_segments(segmentation_node, segment_ids, volume_node, masks) -> None:
+    """Each segment's whole content becomes its mask (written as the mask's bounding box: a mask
+    covering a tenth of a CT writes a tenth of its voxels)."""
     slicer = _slicer()
-    ids = []
-    for index, (mask, prompt) in enumerate(zip(masks, prompts)):
-        sid = target_segment(segmentation_node, prompt, index, overwrite)
-        image = _mask_in_segmentation_frame(mask, volume_node, segmentation_node)
+    for sid, mask in zip(segment_ids, masks):
+        image = _mask_in_segmentation_frame(mask, volume_node, segmentation_node, crop=True)
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                 image, segmentation_node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
-            raise RuntimeError(f"Slicer refused to write segment {prompt!r}")
-        ids.append(sid)
-    return ids
+            raise RuntimeError(f"Slicer refused to write segment {segmentation_node.GetSegmentation().GetSegment(sid).GetName()!r}")
 
 
 def read_segment(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
@@ -250,15 +264,15 @@ class Preview:
         display = self.node.GetDisplayNode()
         if display is not None:
             display.SetOpacity2DFill(0.35)
-        write_masks(self.node, volume_node, masks, self.prompts)
+        self.segment_ids = write_masks(self.node, volume_node, masks, self.prompts)
         # the node, its display node, colour table...: held as objects (see remove_if_present)
         self.created = [node for node in _nodes(scene) if node not in before]
 
     def set_masks(self, masks) -> None:
-        """Show new masks for the same prompts (re-threshold, post-processing): no model run."""
+        """Show new masks for the same prompts (re-threshold, post-processing): no model run; each
+        preview segment's content is replaced in place."""
         self.masks = masks
-        self.node.GetSegmentation().RemoveAllSegments()
-        write_masks(self.node, self.volume_node, masks, self.prompts)
+        replace_segments(self.node, self.segment_ids, self.volume_node, masks)
 
     @property
     def alive(self) -> bool:

@@ -164,7 +164,12 @@ class PanelController:
         self.w("discardButton").clicked.connect(self.discard)
         self.w("undoButton").clicked.connect(self.undo)
         self.w("exportButton").clicked.connect(self.export)
+        # a drag re-cuts the whole volume's preview once, on release (each step would rewrite every
+        # segment on the GUI thread); the label follows the drag
+        self.w("thresholdSlider").setTracking(False)
         self.w("thresholdSlider").valueChanged.connect(self.threshold_changed)
+        self.w("thresholdSlider").sliderMoved.connect(
+            lambda value: self.w("thresholdValueLabel").setText(f"{value / 100.0:.2f}"))
         self.w("historyList").itemDoubleClicked.connect(lambda item: self.add_prompt(qt_compat.item_text(item)))
         self.w("ladderList").itemClicked.connect(lambda item: self.add_prompt(qt_compat.item_text(item).split(": ", 1)[1]))
         for name in ("classEdit", "shapeEdit", "colorEdit", "numberEdit", "locationEdit", "descriptionEdit"):
