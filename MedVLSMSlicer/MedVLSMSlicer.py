@@ -387,8 +387,23 @@ class MedVLSMSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        missing = self.missing()
+        if missing:  # a build factory runs the generic tests without the PyTorch extension
+            self.delayDisplay(f"MedVLSM self-test skipped: {', '.join(missing)} not installed (set up MedVLSM first)")
+            return
         self.setUp()
         self.test_run_apply_undo_keeps_other_segments()
+
+    @staticmethod
+    def missing():
+        from medvlsm.resources import resource
+
+        missing = missing_requirements(str(resource("requirements.txt")))
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            missing.append("torch")
+        return missing
 
     def test_run_apply_undo_keeps_other_segments(self):
         import tempfile

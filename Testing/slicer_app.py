@@ -652,6 +652,14 @@ def scenario_selftest(args):
     REPORT["passed"] = True
 
 
+def scenario_selftest_without_torch(args):
+    """A build factory's generic tests: Slicer without the PyTorch extension."""
+    slicer, module_py, path = start(args.layout, args.version)
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+    module_py.MedVLSMSlicerTest().runTest()
+    REPORT["passed"] = True
+
+
 def measure_free_running(session, node, settings):
     t0 = time.perf_counter()
     job = session.start(node, settings)
@@ -893,7 +901,7 @@ def scenario_cleanup(args):
     REPORT["observers"] = len(panel.session._observers)
 
 
-SCENARIOS = {"install-testing": scenario_install_testing, "torch-install-fails": scenario_torch_install_fails,
+SCENARIOS = {"selftest-without-torch": scenario_selftest_without_torch, "install-testing": scenario_install_testing, "torch-install-fails": scenario_torch_install_fails,
              "effect-before-setup": scenario_effect_before_setup, "close-scene": scenario_close_scene, "prefetch": scenario_prefetch, "cleanup": scenario_cleanup, "interleaved-undo": scenario_interleaved_undo,
              "startup": scenario_startup, "old-slicer": scenario_old_slicer, "install": scenario_install,
              "selftest": scenario_selftest, "gil-panel": scenario_gil_panel, "gil-effect": scenario_gil_effect,

@@ -137,3 +137,8 @@ def test_the_effect_before_set_up_offers_the_set_up():
     report = slicer_app("effect-before-setup")
     assert len(report["confirms"]) == 1 and "medvlsm-harness-absent" in report["confirms"][0], report
     assert "not ready" in report["status"] and not report["running"]
+
+
+def test_the_self_test_on_a_build_factory_without_pytorch_is_skipped_not_failed():
+    report = slicer_app("selftest-without-torch")
+    assert report["passed"] and "skipped: torch not installed" in report["delay"][0], report
