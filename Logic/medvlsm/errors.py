@@ -25,5 +25,5 @@ class ModelError(MedVLSMError):
 class Cancelled(MedVLSMError):
     """The user cancelled a run; nothing was written."""
 
-    def __init__(self):
-        super().__init__("The run was cancelled", "Nothing was changed")
+    def __init__(self, message: str = "The run was cancelled", fix: str = "Nothing was changed"):
+        super().__init__(message, fix)

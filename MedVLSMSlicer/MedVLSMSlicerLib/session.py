@@ -234,11 +234,23 @@ class Session:
             if key not in self._engines:
                 if job is not None:
                     job.phase = "Loading the model (the first use of a registry model downloads it)..."
-                loader = self._load_model
-                if loader is None:
-                    from medvlsm.models import load_model as loader
+                loader = self._load_model or self._downloading_loader(job)
                 self._engines[key] = Engine(loader(model or None), device=device, cache_bytes=self.cache_bytes)
             return self._engines[key]
+
+    @staticmethod
+    def _downloading_loader(job: Job | None):
+        """``load_model`` whose first download shows its megabytes in the job and stops at its Cancel."""
+        from medvlsm.models import load_model
+
+        if job is None:
+            return load_model
+
+        def progress(done, total):
+            job.progress = (done, total)
+            job.phase = f"Downloading the model (once): {done / 2**20:.0f} of {total / 2**20:.0f} MB"
+
+        return lambda name: load_model(name, progress=progress, cancel=lambda: job.cancelled)
 
     def volume(self, volume_node):
         """The node's voxels as a ``Volume`` (a copy), copied once per content: re-prompts and

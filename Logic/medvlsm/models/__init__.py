@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import Cancelled, ModelError
 from ..resources import resource
 from .architectures import ARCHITECTURES, Architecture, architecture, register
 from .folder import check_folder, folder_spec
@@ -50,14 +50,16 @@ def _loading_problem(error: Exception) -> str:
     return first.split(" For details")[0][:200]
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, allow_download: bool = True):
-    """A ready model in eval mode on ``device``. Raises ``ModelError`` with the fix on any failure."""
+def load_model(name_or_path: str | os.PathLike | None = None, device=None, *, allow_download: bool = True,
+               progress=None, cancel=None):
+    """A ready model in eval mode on ``device``. Raises ``ModelError`` with the fix on any failure;
+    ``progress(done_bytes, total_bytes)`` and ``cancel()`` follow a first download (see ``fetch``)."""
     name_or_path = str(name_or_path or default_model_name())
     path = Path(name_or_path).expanduser()
     specs = registry()
     if name_or_path in specs:
         spec = specs[name_or_path]
-        folder = fetch(spec, allow_download=allow_download)
+        folder = fetch(spec, allow_download=allow_download, progress=progress, cancel=cancel)
         spec = folder_spec(folder, fallback=spec if not (folder / SPEC_FILE).is_file() else None)
     elif path.exists() or os.sep in name_or_path or name_or_path.startswith("."):
         folder = path.resolve()
@@ -85,14 +87,46 @@ def _hf_repo(spec: ModelSpec) -> str:
     return spec.source[3:]
 
 
-def fetch(spec: ModelSpec, *, allow_download: bool = True) -> Path:
+def _download_progress(progress, cancel):
+    """A tqdm class for huggingface_hub's byte bars (hub >= 2: one update per downloaded chunk of
+    ~10 MB): reports the bytes and raises ``Cancelled`` when ``cancel()`` says so, between chunks."""
+    from tqdm.auto import tqdm
+
+    class DownloadProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.received = 0  # a disabled bar (no terminal) counts nothing itself
+
+        def update(self, n=1):
+            result = super().update(n)
+            if self.unit == "B":
+                self.received += n or 0
+                if progress is not None and self.total:
+                    progress(self.received, self.total)
+            if cancel is not None and cancel():
+                raise Cancelled("The model download was cancelled; nothing of it was kept")
+            return result
+
+    return DownloadProgress
+
+
+def _remove_partial_downloads(repo: str) -> None:
+    """What a cancelled or failed download leaves in the cache (``*.incomplete`` blobs)."""
+    for partial in (Path(_hf_cache_dir()) / f"models--{repo.replace('/', '--')}" / "blobs").glob("*.incomplete"):
+        partial.unlink(missing_ok=True)
+
+
+def fetch(spec: ModelSpec, *, allow_download: bool = True, progress=None, cancel=None) -> Path:
     """The local snapshot folder of a registry model: from the HF cache, or downloaded once.
 
-    A fresh download is checked against the SHA-256 the hub lists for each weights file.
+    A fresh download is checked against the SHA-256 the hub lists for each weights file;
+    ``progress(done_bytes, total_bytes)`` follows it and ``cancel()`` stops it between chunks
+    (``Cancelled``), leaving no partial file in the cache. ``HF_ENDPOINT`` is read at each call.
     """
     from huggingface_hub import snapshot_download
 
     repo = _hf_repo(spec)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
     patterns = spec.weights_files or None
     try:
         folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
@@ -108,14 +142,19 @@ def fetch(spec: ModelSpec, *, allow_download: bool = True) -> Path:
         raise ModelError(f"The weights of {spec.name} ({repo}) are not in the local cache and downloads are off",
                          offline_hint)
     log.info("Downloading %s from the Hugging Face hub (once; cached in %s)", repo, _hf_cache_dir())
+    options = dict(endpoint=endpoint, cache_dir=_hf_cache_dir(), tqdm_class=_download_progress(progress, cancel))
     try:
-        folder = Path(snapshot_download(repo, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo, allow_patterns=patterns, **options))
         if not list(folder.glob("*.safetensors")):  # older repos: pickled weights, loaded weights_only
-            folder = Path(snapshot_download(repo, allow_patterns=["pytorch_model.bin"]))
+            folder = Path(snapshot_download(repo, allow_patterns=["pytorch_model.bin"], **options))
+    except Cancelled:
+        _remove_partial_downloads(repo)
+        raise
     except Exception as e:
+        _remove_partial_downloads(repo)
         raise ModelError(f"Cannot download {spec.name} from the Hugging Face hub ({repo}): no connection "
                          f"or the hub refused ({e.__class__.__name__})", offline_hint) from e
-    verify_checksums(repo, folder)
+    verify_checksums(repo, folder, endpoint)
     return folder
 
 
@@ -136,11 +175,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_checksums(repo: str, folder: Path) -> None:
+def verify_checksums(repo: str, folder: Path, endpoint: str | None = None) -> None:
     """Compare each downloaded LFS file with the SHA-256 the hub publishes; delete and fail on mismatch."""
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(repo, files_metadata=True)
+    info = HfApi(endpoint=endpoint).model_info(repo, files_metadata=True)
     for sibling in info.siblings or []:
         lfs = getattr(sibling, "lfs", None)
         local = folder / sibling.rfilename
