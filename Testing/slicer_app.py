@@ -609,6 +609,16 @@ def scenario_install(args):
     REPORT["requirements_path"] = str(requirements)
 
 
+def scenario_restart_check(args):
+    """pip changed a dependency (not a requirement itself) whose module is already imported: its
+    distribution name is not its module name (PyYAML -> yaml)."""
+    slicer, module_py, path = start(args.layout, args.version)
+    import yaml  # noqa: F401  (transformers imports it)
+
+    REPORT["stale"] = module_py.needs_restart({"PyYAML": "5.0", "medvlsm-absent": "1"},
+                                              {"PyYAML": "6.0", "medvlsm-absent": "2"})
+
+
 def scenario_install_testing(args):
     """Slicer --testing: slicer.packaging installs nothing; the module must not ask for a restart."""
     slicer, module_py, path = start("install", args.version)
@@ -901,7 +911,7 @@ def scenario_cleanup(args):
     REPORT["observers"] = len(panel.session._observers)
 
 
-SCENARIOS = {"selftest-without-torch": scenario_selftest_without_torch, "install-testing": scenario_install_testing, "torch-install-fails": scenario_torch_install_fails,
+SCENARIOS = {"restart-check": scenario_restart_check, "selftest-without-torch": scenario_selftest_without_torch, "install-testing": scenario_install_testing, "torch-install-fails": scenario_torch_install_fails,
              "effect-before-setup": scenario_effect_before_setup, "close-scene": scenario_close_scene, "prefetch": scenario_prefetch, "cleanup": scenario_cleanup, "interleaved-undo": scenario_interleaved_undo,
              "startup": scenario_startup, "old-slicer": scenario_old_slicer, "install": scenario_install,
              "selftest": scenario_selftest, "gil-panel": scenario_gil_panel, "gil-effect": scenario_gil_effect,

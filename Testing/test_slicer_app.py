@@ -142,3 +142,7 @@ def test_the_effect_before_set_up_offers_the_set_up():
 def test_the_self_test_on_a_build_factory_without_pytorch_is_skipped_not_failed():
     report = slicer_app("selftest-without-torch")
     assert report["passed"] and "skipped: torch not installed" in report["delay"][0], report
+
+
+def test_a_changed_dependency_already_loaded_asks_for_a_restart():
+    assert slicer_app("restart-check")["stale"] == ["PyYAML"]
