@@ -310,3 +310,41 @@ def test_an_interrupt_at_any_point_of_a_write_leaves_the_earlier_file(tmp_path, 
                 raise KeyboardInterrupt
             f.write(",complete\n")
     assert target.read_text(encoding="utf-8") == "earlier\n" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal", "all"])
+def test_every_plane_with_every_output_kind_and_the_overlay(tmp_path, ct_file, tiny_model_dir, capsys, axis):
+    """--axis all with --overlay used to fail after the whole run ("Unknown plane 'all'")."""
+    for ext in (".seg.nrrd", ".nii.gz", ".nrrd"):
+        written = [tmp_path / f"{axis}{ext}", tmp_path / f"{axis}{ext}-p.nii.gz", tmp_path / f"{axis}{ext}.png"]
+        code, _, err = run(["segment", ct_file, "-p", "liver", "-p", "spleen", "--model", tiny_model_dir, "--axis",
+                            axis, "-o", written[0], "--probabilities", written[1], "--overlay", written[2]], capsys)
+        assert code == 0, err
+        assert all(p.is_file() for p in written)
+    assert leftovers(tmp_path) == []
+
+
+def test_demo_with_all_three_planes_writes_its_overlay(tmp_path, capsys, tiny_model_dir):
+    code, _, err = run(["demo", "--axis", "all", "--model", tiny_model_dir, "--output", tmp_path / "demo"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "demo" / "demo_overlay.png").is_file()
+
+
+def test_one_runs_outputs_commit_together(tmp_path, ct_file, tiny_model_dir, capsys, monkeypatch):
+    """A full disk on the second output: the first is not left behind as a changed file, and the
+    message names every output."""
+    labels, probabilities = tmp_path / "labels.nii.gz", tmp_path / "p.nii.gz"
+    labels.write_bytes(b"the labels of yesterday")
+
+    def disk_full(*args):
+        with atomic_path(args[2]) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "write_probabilities", disk_full)
+    code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "-o", labels,
+                        "--probabilities", probabilities], capsys)
+    assert code == 2 and "No space left" in err
+    assert "None of this run's outputs was written" in err and str(labels) in err and str(probabilities) in err
+    assert labels.read_bytes() == b"the labels of yesterday" and not probabilities.exists()
+    assert leftovers(tmp_path) == []

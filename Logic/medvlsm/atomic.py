@@ -12,9 +12,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 FILE_MODE = 0o644
+_staging = threading.local()  # inside together(): the (temporary, final) paths waiting for the commit
 
 
 def _fsync(path: Path) -> None:
@@ -45,11 +47,54 @@ def atomic_path(path):
         yield tmp
         _fsync(tmp)
         os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
+        staged = getattr(_staging, "files", None)
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+class PartialCommit(OSError):
+    """Renaming one run's complete files into place failed after some were renamed (``replaced``)."""
+
+    def __init__(self, replaced: list, error: OSError):
+        super().__init__(f"{error}; already replaced: {', '.join(map(str, replaced)) or 'none'}")
+        self.replaced = replaced
+
+
+@contextlib.contextmanager
+def together():
+    """One run's outputs commit together: every ``atomic_path`` completed inside the block is renamed
+    into place only when the whole block succeeds; on any failure none is, and no temporary file is
+    left. Only a failing rename (rare: the files are complete and beside their targets) can leave some
+    replaced: ``PartialCommit`` names them."""
+    if getattr(_staging, "files", None) is not None:  # nested: the outer block commits
+        yield
+        return
+    _staging.files = staged = []
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    finally:
+        _staging.files = None
+    replaced = []
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            replaced.append(path)
+    except OSError as e:
+        for tmp, _ in staged[len(replaced):]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise PartialCommit(replaced, e) from e
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from . import io
 from .errors import InputError
+from .request import ALL_PLANES
+from .volume import default_plane
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,28 @@ class Outputs:
             raise InputError(f"--overlay {self.overlay} must be a .png file", "Give a path ending in .png")
         return extensions
 
+    @property
+    def paths(self) -> list:
+        return [str(p) for p in (*self.files, self.probabilities, self.overlay) if p]
+
     def write(self, volume, result):
         """``result``'s masks ``[P, K, J, I]`` (its request's threshold and post-processing) on
-        ``volume``'s grid into every file; each file is complete or untouched (``io.written``).
-        Untrained weights are marked in every file. Returns the masks."""
+        ``volume``'s grid into every file; the files commit together (``atomic.together``): all are
+        written, or none is and each path holds what it held before. Untrained weights are marked in
+        every file. Returns the masks."""
+        from .atomic import PartialCommit, together
+
+        try:
+            with together():
+                return self._write(volume, result)
+        except InputError as e:  # one file failed: none was renamed into place
+            raise InputError(f"{e.problem}. None of this run's outputs was written: {', '.join(self.paths)} hold "
+                             "what they held before", e.fix) from e
+        except PartialCommit as e:
+            raise InputError(f"Could not put every output in place ({e}); the others hold what they held before",
+                             "Check the folder (disk, permissions), then run again") from e
+
+    def _write(self, volume, result):
         masks = result.masks()
         note = "" if result.trained else f"UNTRAINED WEIGHTS ({result.model_name}): pipeline check, not a segmentation"
         for output in self.files:
@@ -59,6 +79,10 @@ class Outputs:
             title = f"{result.model_name}: {', '.join(repr(p) for p in result.prompts)}"
             if not result.trained:
                 title = "UNTRAINED WEIGHTS (pipeline check, not a segmentation) - " + title
-            style = OverlayStyle(plane=result.plane, window=result.request.window, title=title)
-            save_overlay(volume, masks, result.prompts, self.overlay, style)
+            plane = result.plane
+            if plane == ALL_PLANES:  # fused from the three planes: shown in the volume's natural plane
+                plane = default_plane(volume)
+                title += " (fused from all three planes)"
+            style = OverlayStyle(plane=plane, window=result.request.window, title=title)
+            io.written(self.overlay, save_overlay, volume, masks, result.prompts, self.overlay, style)
         return masks
