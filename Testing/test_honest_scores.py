@@ -179,3 +179,28 @@ def test_an_interrupted_finetune_leaves_a_truthful_model_folder(tmp_path, tiny_m
     assert spec["name"] == "ft" and spec["trained"] and spec["parameters_m"] > 0
     assert list(csv.DictReader(open(out / "training_log.csv")))[0]["epoch"] == "1"
     assert [p.name for p in out.rglob("*") if ".tmp" in p.name] == []
+
+
+def test_jpeg_masks_are_binarised_with_a_warning_never_scored_per_grey_level(tmp_path, caplog):
+    """Three CVC-ClinicDB masks (JPEG: 0/255 with compression noise) against themselves and against
+    their PNG cut at 127: one binary label per case, Dice 1 and near 1 (used to be 0.000 over 161
+    "labels", the grey levels)."""
+    import shutil
+
+    from conftest import SHARED_DATA
+
+    masks = SHARED_DATA / "cvc-clinicdb" / "masks"
+    gt, same, png = (tmp_path / n for n in ("gt", "same", "png"))
+    for folder in (gt, same, png):
+        folder.mkdir()
+    for name in ("1", "10", "100"):
+        shutil.copy(masks / f"{name}.jpg", gt / f"{name}.jpg")
+        shutil.copy(masks / f"{name}.jpg", same / f"{name}.jpg")
+        grey = sitk.GetArrayFromImage(sitk.ReadImage(str(masks / f"{name}.jpg")))
+        grey = grey.max(axis=-1) if grey.ndim == 3 else grey  # stored as RGB
+        sitk.WriteImage(sitk.GetImageFromArray(((grey > 127) * 255).astype(np.uint8)), str(png / f"{name}.png"))
+    rows = evaluation.evaluate_files(same, gt)
+    assert [(r["case"], r["label"], r["dice"]) for r in rows] == [(n, "1", 1.0) for n in ("1", "10", "100")]
+    assert "read as one binary mask" in caplog.text and "JPEG" in caplog.text
+    rows = evaluation.evaluate_files(png, gt)
+    assert len(rows) == 3 and min(r["dice"] for r in rows) > 0.95

@@ -43,8 +43,14 @@ def _read_labels(path: Path):
     a = volume.array.max(axis=-1) if volume.is_rgb else volume.array
     values = np.unique(a)
     values = values[values != 0]
-    if np.issubdtype(a.dtype, np.integer) and 0 < len(values) <= MAX_LABELS:
+    lossy = io.extension(path) in (".jpg", ".jpeg")
+    labels = np.issubdtype(a.dtype, np.integer) and 0 < len(values) <= MAX_LABELS and (
+        values.max() <= MAX_LABELS or len(values) <= 2)  # small label values, or a plain 0/1/255 mask
+    if labels and not lossy:
         return [(None, a == v) for v in values], volume
+    if len(values) > 1:  # grey levels are never scored as labels
+        log.warning("%s: %d grey levels (%s), read as one binary mask cut at half its maximum", path.name,
+                    len(values), "a JPEG mask is lossy" if lossy else "not a small set of label values")
     return [(None, binary_mask(volume))], volume
 
 
