@@ -1,6 +1,8 @@
 """The `medvlsm` command: outputs, summary, and one clear line for every bad input."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +71,8 @@ def test_models_and_init(tmp_path, capsys):
     assert code == 0 and "clipseg-rd64-refined" in out and "(default)" in out and "Apache-2.0" in out
     code, out, _ = run(["init", "--size", "tiny", "--output", tmp_path / "m"], capsys)
     assert code == 0 and (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "medvlsm.json").is_file()
+    printed = float(re.search(r"([\d.]+) M parameters", out).group(1))
+    assert json.loads((tmp_path / "m" / "medvlsm.json").read_text())["parameters_m"] == printed > 0  # was 0.0
 
 
 def test_console_script_is_installed():
@@ -92,6 +96,13 @@ def test_demo_offline_says_how_to_point_at_a_local_model(tmp_path, capsys, monke
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--model" in lines[0] and "cache" in lines[0]
+
+    for argv in (["segment", tmp_path / "x.nii.gz", "-p", "liver", "-o", tmp_path / "o.seg.nrrd"],
+                 ["download", "clipseg-rd64-refined"]):
+        if argv[0] == "segment":
+            sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 8, 8), np.int16)), str(argv[1]))
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "medvlsm init" in err and "machine with internet" in err, err  # never "run download"
 
 
 # ---- bad input: one line, exit 2, nothing written ----------------------------------------------

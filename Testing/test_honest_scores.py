@@ -56,8 +56,9 @@ def test_the_report_lists_cases_without_a_prediction(tmp_path, capsys):
     for name in ("c1", "c2", "c3"):
         _labelmap(gt / f"{name}.nii.gz", mask)
     _labelmap(pred / "c1.nii.gz", mask)
-    assert main(["evaluate", "--predictions", str(pred), "--ground-truth", str(gt), "-o", str(tmp_path / "r.csv")]) == 0
-    report = (tmp_path / "r.md").read_text(encoding="utf-8")
+    out = tmp_path / "new" / "folder" / "r.csv"  # evaluate makes its report's folder, as finetune does
+    assert main(["evaluate", "--predictions", str(pred), "--ground-truth", str(gt), "-o", str(out)]) == 0
+    report = (out.parent / "r.md").read_text(encoding="utf-8")
     assert "Cases without a prediction (2" in report and "c2, c3" in report
     assert "| all | 3 | 0.333" in report
     assert "2 case(s) without a prediction" in capsys.readouterr().out

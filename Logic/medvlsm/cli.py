@@ -496,8 +496,9 @@ def cmd_init(args):
     model = arch.random(args.size, name=Path(args.output).name, seed=args.seed)
     if args.input_size is not None:
         model.spec.input_size = args.input_size
-    model.save_pretrained(args.output)
     n = sum(p.numel() for p in model.parameters()) / 1e6
+    model.spec.parameters_m = round(n, 2)  # the folder's medvlsm.json says what this prints
+    model.save_pretrained(args.output)
     print(f"Wrote {args.arch} ({args.size}, {n:.2f} M parameters, random weights) to {args.output}")
 
 
@@ -554,6 +555,11 @@ def cmd_evaluate(args):
         raise InputError(f"--output {out} must end in .csv", "The summary, plot and overlays are written beside it")
     from .io import check_writable
 
+    try:  # as finetune does: the report's folder is made if it is new
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"Cannot create the folder {out.parent} ({e.strerror or e.__class__.__name__})",
+                         "Choose a folder you can write to") from e
     check_writable(out)
     worst = None
     robust = None

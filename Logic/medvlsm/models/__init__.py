@@ -135,8 +135,9 @@ def fetch(spec: ModelSpec, *, allow_download: bool = True, progress=None, cancel
     except Exception:
         pass
     offline_hint = (
-        f"Download it once on a connected machine (`medvlsm download {spec.name}`, cache: "
-        f"{_hf_cache_dir()}) or pass a local model folder with --model /path/to/folder"
+        f"On a machine with internet, run `medvlsm download {spec.name}` and copy its cache folder "
+        f"({_hf_cache_dir()}) to this one; or pass a model folder with --model /path/to/folder; or try the "
+        "pipeline with random weights: `medvlsm init --output my-model`, then --model my-model"
     )
     if not allow_download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         raise ModelError(f"The weights of {spec.name} ({repo}) are not in the local cache and downloads are off",
