@@ -270,3 +270,18 @@ def test_all_three_planes_from_the_command_line(ct_file, tmp_path, capsys, tiny_
     code, _, err = run(["segment", ct_file, "-p", "liver", "--model", tiny_model_dir, "--axis", "all", "--slices",
                         "0:2", "-o", tmp_path / "x.seg.nrrd"], capsys)
     assert code == 2 and "belongs to one plane" in err
+
+
+def test_a_run_in_a_log_file_says_what_it_does_as_it_goes(ct_file, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """stderr is not a terminal here (captured), as in a log file: a phase line, the plan, progress
+    lines at a steady pace (every line here: the pace is set to 0 s) and no bar redraws."""
+    from medvlsm import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)
+    assert main(["segment", str(ct_file), "-p", "liver", "--model", str(tiny_model_dir), "--device", "cpu",
+                 "--batch-size", "2", "-o", str(tmp_path / "o.seg.nrrd")]) == 0
+    err = capsys.readouterr().err
+    assert "loading the model" in err and "plan: 'liver' on 5 axial slices" in err, err
+    assert "on cpu (" in err and "UNTRAINED (random) weights" in err and "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("segmenting: ")]
+    assert len(lines) >= 3 and lines[-1].startswith("segmenting: 5/5 slices (100 %)") and "s left" in lines[1]

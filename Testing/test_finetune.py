@@ -4,6 +4,7 @@ import csv
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,12 @@ def test_learning_happens_and_the_text_matters(tmp_path, capsys):
     write_split(tmp_path, "train", train)
     write_split(tmp_path, "val", val)
     assert main(["init", "--size", "small", "--output", str(tmp_path / "small")]) == 0
-    code = main(["--quiet", "finetune", "--train", str(tmp_path / "train.json"), "--val", str(tmp_path / "val.json"),
+    code = main(["finetune", "--train", str(tmp_path / "train.json"), "--val", str(tmp_path / "val.json"),
                  "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tmp_path / "small"),
                  "--output", str(tmp_path / "ft"), "--prompt-type", "p3", "--epochs", "10"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert re.search(r"^epoch 10: (\d+)/\1 steps \(100 %\)", err, re.M) and "\r" not in err  # a log, not redraws
     rows = log_rows(tmp_path / "ft")
     print("val Dice per epoch:", [round(float(r["val_dice"]), 3) for r in rows])
     assert (tmp_path / "ft" / "training_curves.png").is_file() and (tmp_path / "ft" / "README.md").is_file()

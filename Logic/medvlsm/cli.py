@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import Cancelled, InputError, MedVLSMError, ModelError
 from .models.architectures import ARCHITECTURES, converters
-from .request import ALL_PLANES, FUSIONS
+from .request import ALL_PLANES, FUSIONS, planes_cost
 from .volume import PLANES
 
 log = logging.getLogger("medvlsm")
@@ -292,11 +292,43 @@ def _parse_slices(text):
     return start, stop
 
 
+PROGRESS_EVERY_S = 10.0  # a log file gets a progress line this often (and the last one)
+
+
+def _note(args, text: str) -> None:
+    """A phase line on stderr (not with --quiet): what the run is doing before its first slice."""
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+class _ProgressLines:
+    """Progress for a log file: one plain line every ``PROGRESS_EVERY_S`` and at the end, with the
+    time left estimated from the pace so far (no bar redraws: they turn a log into carriage returns)."""
+
+    def __init__(self, what: str, unit: str):
+        import time
+
+        self.what, self.unit, self.clock = what, unit, time.monotonic
+        self.started, self.printed = self.clock(), None
+
+    def __call__(self, done, total):
+        now = self.clock()
+        if done < total and self.printed is not None and now - self.printed < PROGRESS_EVERY_S:
+            return
+        self.printed = now
+        elapsed = now - self.started
+        left = f", ~{elapsed / done * (total - done):.0f} s left" if 0 < done < total else ""
+        print(f"{self.what}: {done}/{total} {self.unit}s ({100 * done / max(total, 1):.0f} %), {elapsed:.0f} s{left}",
+              file=sys.stderr, flush=True)
+
+
 def _progress_bar(quiet: bool, what: str, unit: str = "slice"):
-    """A progress bar on a terminal only: in a log file its redraws become runs of spaces and
-    carriage returns in front of the next line."""
-    if quiet or not sys.stderr.isatty():
+    """A progress bar on a terminal; in a log file (stderr not a terminal) plain lines at a steady
+    pace instead (``_ProgressLines``); nothing with --quiet."""
+    if quiet:
         return None, lambda: None
+    if not sys.stderr.isatty():
+        return _ProgressLines(what, unit), lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=0, unit=unit, desc=what, leave=False, file=sys.stderr)
@@ -323,9 +355,17 @@ def run_segmentation(args, input_path, prompts, outputs, runner=None):
     post = PostProcess(keep_largest=args.keep_largest, min_voxels=args.min_size, fill_holes=args.fill_holes)
     request = plan(volume, prompts, plane=args.axis, slices=_parse_slices(args.slices), window=args.window,
                    resize=args.resize, threshold=args.threshold, post=post, fusion=args.fusion)
+    if runner is None:
+        _note(args, f"loading the model ({args.model or 'the default'}) ...")
+        runner = _runner(args)
+    slices = request.slices[1] - request.slices[0]
+    what = (f"{slices} {request.plane} slices" if request.plane != ALL_PLANES
+            else f"{slices} slices of all three planes ({planes_cost(volume)})")
+    _note(args, f"plan: {', '.join(repr(p) for p in request.prompts)} on {what} of {input_path} "
+                f"({'x'.join(map(str, volume.shape[::-1]))} voxels){getattr(runner, 'describe', '')}")
     update, close = _progress_bar(args.quiet, "segmenting")
     try:
-        result = (runner or _runner(args))(volume, request, update)
+        result = runner(volume, request, update)
     finally:
         close()
     masks = outputs.write(volume, result)
@@ -346,7 +386,8 @@ def _runner(args, model=None):
         from .client import Client, read_token
 
         client = Client(args.server, read_token(args.token_file))
-        return lambda volume, request, progress: client.segment(volume, request, args.model, progress=progress)
+        return _Runner(lambda volume, request, progress: client.segment(volume, request, args.model, progress=progress),
+                       f" on the server {args.server}")
     from .engine import Engine, resolve_device
 
     device = resolve_device(args.device)
@@ -357,7 +398,20 @@ def _runner(args, model=None):
 
         model = load_model(args.model)
     engine = Engine(model, device=device, precision=args.precision, batch_size=args.batch_size)
-    return lambda volume, request, progress: engine.segment(volume, request, progress=progress)
+    trained = "" if model.spec.trained else ", UNTRAINED (random) weights"
+    return _Runner(lambda volume, request, progress: engine.segment(volume, request, progress=progress),
+                   f", {model.spec.name} on {engine.device} ({str(engine.dtype).replace('torch.', '')}, batches of "
+                   f"{engine.batch_size}){trained}")
+
+
+class _Runner:
+    """``run(volume, request, progress) -> result``, with ``describe``: where and how it runs."""
+
+    def __init__(self, run, describe: str):
+        self.run, self.describe = run, describe
+
+    def __call__(self, volume, request, progress):
+        return self.run(volume, request, progress)
 
 
 def cmd_serve(args):
@@ -636,13 +690,19 @@ def cmd_finetune(args):
                                   max_steps_per_epoch=args.max_steps_per_epoch, resize=resize, device=args.device,
                                   resume=args.resume)
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    bar = None
+    bar = lines = None
     if not args.quiet and training.dist_info()[0] == 0:
-        from tqdm import tqdm
+        if sys.stderr.isatty():
+            from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="step", leave=False, file=sys.stderr)
+            bar = tqdm(total=0, unit="step", leave=False, file=sys.stderr)
+        else:  # a log file: plain lines, never bar redraws
+            lines = {}
 
     def progress(epoch, step, steps):
+        if lines is not None:
+            lines.setdefault(epoch, _ProgressLines(f"epoch {epoch}", "step"))(step, steps)
+            return
         if step == 1:
             bar.reset(total=steps)
             bar.set_description(f"epoch {epoch}")
@@ -650,7 +710,7 @@ def cmd_finetune(args):
 
     try:
         summary = training.finetune(model, train, val, args.output, config,
-                                    progress=progress if bar is not None else None)
+                                    progress=progress if bar is not None or lines is not None else None)
     finally:
         if bar is not None:
             bar.close()
