@@ -190,6 +190,10 @@ def test_evaluate_a_model_end_to_end(tmp_path, tiny_model_dir, capsys):
     report = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| p6 | 4 |" in report and "dice_gain_over_empty_prompt" in report and "empty_images: 1" in report
     assert len(list(out.parent.glob("results_worst*.png"))) == 3
+    # random weights: every output says so (the PNGs in their title, also as PNG text)
+    assert "UNTRAINED WEIGHTS" in report and all(r["weights"] == "untrained" for r in rows)
+    for png in [out.parent / "results_boxplot.png", *out.parent.glob("results_worst*.png")]:
+        assert b"UNTRAINED WEIGHTS" in png.read_bytes(), png.name
 
 
 def test_evaluate_bad_input(tmp_path, capsys):

@@ -646,7 +646,8 @@ def cmd_evaluate(args):
             close()
     else:
         raise InputError("Nothing to evaluate", "Give --predictions and --ground-truth, or --model with --data")
-    report = evaluation.write_report(rows, out, robust, worst)
+    untrained = "" if worst is None or engine.model.spec.trained else engine.model.spec.name
+    report = evaluation.write_report(rows, out, robust, worst, untrained)
     missing = evaluation.missing_cases(rows)
     print(report[2])
     if missing:

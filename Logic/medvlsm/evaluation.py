@@ -207,11 +207,16 @@ def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", **o
 
 # ---- reports --------------------------------------------------------------------------------
 
-def write_report(rows: list[dict], out: Path, robust: dict | None = None, worst: "WorstCases | None" = None) -> list:
+def write_report(rows: list[dict], out: Path, robust: dict | None = None, worst: "WorstCases | None" = None,
+                 untrained: str = "") -> list:
     """``out`` (.csv) and beside it ``.md`` (summary, cases without a prediction, prompt robustness),
-    the box plot and the worst cases' overlays. Returns the Markdown report's lines."""
-    write_csv(rows, out)
+    the box plot and the worst cases' overlays. ``untrained``: the model's name when its weights are
+    random — then every one of these outputs says so. Returns the Markdown report's lines."""
+    note = f"UNTRAINED WEIGHTS ({untrained}): these scores measure the pipeline, not a model" if untrained else ""
+    write_csv([{**row, "weights": "untrained"} for row in rows] if note else rows, out)
     report = [f"# Evaluation: {out.name}", "", summary_table(rows)]
+    if note:
+        report[1:1] = ["", f"**{note}.**"]
     missing = missing_cases(rows)
     if missing:
         report += ["", f"## Cases without a prediction ({len(missing)}, scored as empty predictions)", "",
@@ -223,9 +228,9 @@ def write_report(rows: list[dict], out: Path, robust: dict | None = None, worst:
 
     with atomic_open(out.with_suffix(".md"), "w", encoding="utf-8") as f:
         f.write("\n".join(report) + "\n")
-    box_plot(rows, out.with_name(out.stem + "_boxplot.png"))
+    box_plot(rows, out.with_name(out.stem + "_boxplot.png"), note=note)
     if worst is not None:
-        worst.save(out.parent, out.stem)
+        worst.save(out.parent, out.stem, note=note)
     return report
 
 
@@ -257,7 +262,7 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def box_plot(rows: list[dict], path, metric: str = "dice") -> None:
+def box_plot(rows: list[dict], path, metric: str = "dice", note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,11 +277,15 @@ def box_plot(rows: list[dict], path, metric: str = "dice") -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("prompt type")
     ax.grid(axis="y", alpha=0.3)
+    if note:
+        import textwrap
+
+        ax.set_title(textwrap.fill(note, 40), fontsize=8, color="darkred")
     fig.tight_layout()
     from .atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        fig.savefig(str(tmp), dpi=100)
+        fig.savefig(str(tmp), dpi=100, metadata={"Title": note or f"{metric} per prompt type"})
     plt.close(fig)
 
 
@@ -298,13 +307,14 @@ class WorstCases:
         self.cases.sort(key=lambda c: c[0])
         del self.cases[self.count :]
 
-    def save(self, folder: Path, stem: str) -> list[Path]:
+    def save(self, folder: Path, stem: str, note: str = "") -> list[Path]:
         from .overlay import OverlayStyle, save_overlay
 
         paths = []
         for rank, (dice, name, ptype, pred, truth, image) in enumerate(self.cases, start=1):
             path = folder / f"{stem}_worst{rank}_{name}_{ptype}.png"
+            title = f"{name} {ptype}: Dice {dice:.3f}" + (f" - {note}" if note else "")
             save_overlay(image, np.stack([pred[None], truth[None]]), ["prediction", "ground truth"], path,
-                         OverlayStyle(count=1, title=f"{name} {ptype}: Dice {dice:.3f}"))
+                         OverlayStyle(count=1, title=title))
             paths.append(path)
         return paths

@@ -79,5 +79,5 @@ def save_overlay(volume, masks: np.ndarray, names, path, style: OverlayStyle = O
     from .atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        fig.savefig(str(tmp), dpi=90)
+        fig.savefig(str(tmp), dpi=90, metadata={"Title": title})  # readable without looking
     plt.close(fig)
