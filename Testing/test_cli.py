@@ -64,6 +64,8 @@ def test_2d_png_in_png_out(tmp_path, tiny_model_dir, capsys):
     assert code == 0, err
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.png")))
     assert mask.shape == (40, 50)
+    assert "pixels (" in out and "mm²)" in out and "1 image in" in out  # not voxels, mL, "axial slices"
+    assert "voxels" not in out and "mL" not in out and "slice" not in out
 
 
 def test_models_and_init(tmp_path, capsys):

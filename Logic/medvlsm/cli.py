@@ -359,7 +359,7 @@ def run_segmentation(args, input_path, prompts, outputs, runner=None):
         _note(args, f"loading the model ({args.model or 'the default'}) ...")
         runner = _runner(args)
     slices = request.slices[1] - request.slices[0]
-    what = (f"{slices} {request.plane} slices" if request.plane != ALL_PLANES
+    what = ("a 2D image" if volume.shape[0] == 1 else f"{slices} {request.plane} slices" if request.plane != ALL_PLANES
             else f"{slices} slices of all three planes ({planes_cost(volume)})")
     _note(args, f"plan: {', '.join(repr(p) for p in request.prompts)} on {what} of {input_path} "
                 f"({'x'.join(map(str, volume.shape[::-1]))} voxels){getattr(runner, 'describe', '')}")
@@ -369,12 +369,19 @@ def run_segmentation(args, input_path, prompts, outputs, runner=None):
     finally:
         close()
     masks = outputs.write(volume, result)
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels ({m.sum() * voxel_ml:.1f} mL)"
-                       for p, m in zip(result.prompts, masks))
-    n = result.slice_range[1] - result.slice_range[0]
-    planes = f"{result.plane} slices" if result.plane != ALL_PLANES else f"slices of all three planes ({result.request.fusion})"
-    print(f"{counts} | {n} {planes} in {result.seconds:.1f} s on {result.device} ({result.dtype}) "
+    if volume.shape[0] == 1:  # a 2D image: pixels and mm², one image
+        pixel_mm2 = float(volume.spacing[0] * volume.spacing[1])
+        counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} pixels ({m.sum() * pixel_mm2:.1f} mm²)"
+                           for p, m in zip(result.prompts, masks))
+        ran = "1 image"
+    else:
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels ({m.sum() * voxel_ml:.1f} mL)"
+                           for p, m in zip(result.prompts, masks))
+        n = result.slice_range[1] - result.slice_range[0]
+        ran = (f"{n} {result.plane} slices" if result.plane != ALL_PLANES
+               else f"{n} slices of all three planes ({result.request.fusion})")
+    print(f"{counts} | {ran} in {result.seconds:.1f} s on {result.device} ({result.dtype}) "
           f"| window {result.window} -> {', '.join(str(o) for o in outputs.files)}")
     return result
 

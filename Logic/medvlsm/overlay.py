@@ -67,7 +67,8 @@ def save_overlay(volume, masks: np.ndarray, names, path, style: OverlayStyle = O
                 ax.imshow(np.ma.masked_where(~m, m), cmap=ListedColormap([colors[p]]), alpha=0.45,
                           aspect=aspect, interpolation="nearest")
                 ax.contour(m.astype(float), levels=[0.5], colors=[colors[p]], linewidths=1.0)
-        ax.set_title(f"{plane} slice {s}", fontsize=9)
+        if volume.shape[0] > 1:  # a 2D image has no slices to name
+            ax.set_title(f"{plane} slice {s}", fontsize=9)
     handles = [Patch(color=colors[p], label=str(names[p]) or "(empty prompt)") for p in range(len(names))]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
