@@ -229,6 +229,11 @@ def test_unknown_device_and_missing_gpu_are_clear_errors(tiny_model):
 
 def test_window_choice():
     assert "abdomen" in choose_window(ct_volume()).describe
+    from medvlsm import io
+    from medvlsm.resources import resource
+
+    chest = choose_window(io.read_image(resource("Demo", "lung1_ct_crop.nrrd")))  # the demo's chest CT
+    assert chest.describe.startswith("lung (auto: chest CT") and (chest.low, chest.high) == (-1350.0, 150.0)
     assert "255" in choose_window(Volume(np.zeros((1, 4, 4), np.uint8))).describe
     mr = Volume(np.random.default_rng(0).integers(0, 3000, (3, 8, 8)).astype(np.int16))
     assert "percentile" in choose_window(mr).describe

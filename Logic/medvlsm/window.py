@@ -50,7 +50,8 @@ def choose_window(volume, window: str = "auto") -> IntensityWindow:
     """Pick the intensity mapping for a whole volume.
 
     ``auto``: 8-bit images -> /255; CT (DICOM Modality, or without one a CT-like range: at least
-    1 % of voxels at -500 HU or below and tissue above 100) -> the abdomen soft-tissue window;
+    1 % of voxels at -500 HU or below and tissue above 100) -> the lung window for a chest CT (a tenth
+    or more of the non-air voxels at -950..-600 HU), else the abdomen soft-tissue window;
     anything else (MR, PET, ...) -> 0.5-99.5 percentiles.
     A window may also be given as ``"LEVEL,WIDTH"``, or as an ``IntensityWindow`` already chosen.
     """
@@ -81,8 +82,13 @@ def choose_window(volume, window: str = "auto") -> IntensityWindow:
     # below: one outlier voxel in an MR must not switch the rule) and tissue above 100.
     looks_ct = np.percentile(sample, 1) <= -500 and np.percentile(sample, 99) >= 100
     if window == "auto" and (modality == "CT" or (not modality and looks_ct)):
-        level, width = CT_WINDOWS["abdomen"]
-        return IntensityWindow(level - width / 2, level + width / 2, "abdomen (auto: CT range detected)")
+        # A chest CT (aerated lung, -950..-600 HU, is a tenth or more of what is not outside air): the
+        # lung window, in which the lungs are not black and soft tissue stays visible; else abdomen.
+        inside = sample[sample > -950]
+        lung = float(np.mean(inside <= -600)) if inside.size else 0.0
+        name, why = ("lung", f"chest CT: {lung:.0%} aerated lung") if lung >= 0.1 else ("abdomen", "CT range detected")
+        level, width = CT_WINDOWS[name]
+        return IntensityWindow(level - width / 2, level + width / 2, f"{name} (auto: {why})")
     low, high = np.percentile(sample, [0.5, 99.5])
     if high <= low:
         high = low + 1.0  # constant image: everything maps to 0, the model sees a black slice
