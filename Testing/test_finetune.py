@@ -121,6 +121,17 @@ def test_full_size_smoke_and_resume(tmp_path):
     assert load_model(tmp_path / "ft").spec.trained
 
 
+def test_limit_takes_the_first_images_of_each_split(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data"
+    write_split(tmp_path, "t", two_object_images(data, 6))  # 12 annotated images
+    code = main(["--quiet", "finetune", "--train", str(tmp_path / "t.json"), "--val", str(tmp_path / "t.json"),
+                 "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tiny_model_dir),
+                 "--output", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "1", "--limit", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "1 epochs, 2 steps/epoch" in out
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "data"
     write_split(tmp_path, "t", two_object_images(data, 2))

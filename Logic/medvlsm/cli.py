@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--patience", type=int, default=20, help="early stopping on validation Dice (epochs)")
     ft.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (quick checks)")
     ft.add_argument("--seed", type=int, default=42)
+    ft.add_argument("--limit", type=_positive_int, default=None,
+                    help="use only the first N annotated images of each split (or N volumes): a quick try first")
     ft.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint/last.pt")
 
     cv = sub.add_parser("convert", help="original weights (CRIS / OpenAI RN50, open_clip BiomedCLIP, CIDAS CLIPSeg) "
@@ -676,7 +678,7 @@ def cmd_finetune(args):
             raise InputError("--volumes and --segmentations go together", "Give both folders")
         from .datasets import read_volume_folder
 
-        pairs = read_volume_folder(args.volumes, args.segmentations, _label_names(args.label_names))
+        pairs = read_volume_folder(args.volumes, args.segmentations, _label_names(args.label_names))[: args.limit]
         resize = args.resize or "letterbox"
         train, val = training.train_val_split(pairs, args.val_fraction, lambda ps: training.samples_from_volumes(
             ps, spec, args.plane, args.empty_fraction, args.seed, resize))
@@ -686,10 +688,10 @@ def cmd_finetune(args):
         from .datasets import read_annotations
 
         resize = args.resize or "stretch"
-        train = training.samples_from_annotations(read_annotations(args.train, args.images, args.masks), spec, resize)
         if not args.val:
             raise InputError("No --val annotations", "Give a validation split (the best model is chosen on it)")
-        val = training.samples_from_annotations(read_annotations(args.val, args.images, args.masks), spec, resize)
+        train, val = (training.samples_from_annotations(read_annotations(split, args.images, args.masks)[: args.limit],
+                                                        spec, resize) for split in (args.train, args.val))
     else:
         raise InputError("No training data", "Give --train/--val with --images/--masks, or --volumes with --segmentations")
     config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, recipe=args.recipe,
