@@ -8,7 +8,7 @@ file dialogs, and the registration of the "Text prompt" Segment Editor effect.
 
 Needs Slicer >= 5.10 (vtkSlicerSegmentEditorLogic, vtkSegment::SetTerminology, Python 3.12).
 ``Testing/slicer_app.py`` loads this file the way Slicer's C++ loaders do; every Slicer call made
-here is listed with the version it exists since in README.md ("Slicer APIs used").
+here is listed with the version it exists since in docs/slicer.md ("Slicer APIs used").
 """
 
 import logging

@@ -1,6 +1,6 @@
 """Every architecture through every entry point: init, save/load, segment a 2D image and a volume,
 evaluate, finetune a few steps (random weights; no hub); the table of architectures itself, and a
-toy architecture added as the README says."""
+toy architecture added as docs/models.md says."""
 
 import ast
 import csv
@@ -91,7 +91,7 @@ def toy_architecture():
 
 
 def test_a_new_architecture_is_one_module_and_one_table_entry(toy_architecture, tmp_path, capsys):
-    """Registered as the README says, the toy architecture works through init, load, segment and
+    """Registered as docs/models.md says, the toy architecture works through init, load, segment and
     finetune with no other change: every choice and default comes from the table."""
     from medvlsm.models import load_model
 

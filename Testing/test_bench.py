@@ -1,4 +1,4 @@
-"""The benchmark keeps working: quick mode end to end (no timing assertions; figures are for README)."""
+"""The benchmark keeps working: quick mode end to end (no timing assertions; figures are for docs/benchmarks.md)."""
 
 import json
 import sys

@@ -191,6 +191,8 @@ def test_jpeg_masks_are_binarised_with_a_warning_never_scored_per_grey_level(tmp
     from conftest import SHARED_DATA
 
     masks = SHARED_DATA / "cvc-clinicdb" / "masks"
+    if not masks.is_dir():
+        pytest.skip(f"{masks} is absent (the shared real-data folder beside the checkout)")
     gt, same, png = (tmp_path / n for n in ("gt", "same", "png"))
     for folder in (gt, same, png):
         folder.mkdir()

@@ -1,4 +1,4 @@
-"""A toy architecture added the way the README's "Adding an architecture" says: this one module and
+"""A toy architecture added the way docs/models.md's "Adding an architecture" says: this one module and
 one ``register`` call (``TOY``). Real transformers classes, random weights; small enough for a test.
 
 The model: a strided convolution encodes the image, the prompt is the mean of its token

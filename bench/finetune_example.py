@@ -1,4 +1,4 @@
-"""Regenerates the README's finetuning + evaluation example with the exact commands it shows.
+"""Regenerates the finetuning + evaluation example of docs/evaluate.md with the exact commands it shows.
 
     python bench/finetune_example.py [--work DIR]     # ~3 minutes on a 2-core CPU
 

@@ -1,4 +1,4 @@
-"""Which finetuning settings make a small model learn to tell two prompts apart (README's recipe table).
+"""Which finetuning settings make a small model learn to tell two prompts apart (the recipe table of docs/finetune.md).
 
     python bench/finetune_recipe.py [--epochs 15] [--only NAME ...] [--json bench/results/finetune-recipe.json]
 

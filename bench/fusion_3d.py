@@ -1,4 +1,4 @@
-"""One plane vs each plane vs the three fused (README's fusion table): 3D Dice, HD95 and NSD.
+"""One plane vs each plane vs the three fused (the fusion table of docs/segment.md): 3D Dice, HD95 and NSD.
 
     python bench/fusion_3d.py [--epochs 15] [--train 6] [--test 4] [--json bench/results/fusion-3d.json]
 

@@ -1,4 +1,4 @@
-"""Parameters, FLOPs per slice and seconds per slice of each architecture (README's model table).
+"""Parameters, FLOPs per slice and seconds per slice of each architecture (the model table of docs/models.md).
 
     python bench/model_table.py [--slices 16] [--json bench/results/models-cpu.json]
 

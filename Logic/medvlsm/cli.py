@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--prompt-type", nargs="+", default=["p1"], help="p0..p9 (several: one drawn per sample) or random")
     ft.add_argument("--epochs", type=_positive_int, default=50)
     ft.add_argument("--recipe", choices=("default", "paper"), default="default",
-                    help="default: batch 16 and the learning rate measured to learn the prompts (README); paper: "
+                    help="default: batch 16 and the learning rate measured to learn the prompts (docs/finetune.md); paper: "
                     "the paper's batch size and learning rate per architecture")
     ft.add_argument("--batch-size", type=_positive_int, default=0, help="default: the recipe's (16; paper: 128 / 32)")
     ft.add_argument("--label-names", nargs="+", default=None, metavar="VALUE=NAME",

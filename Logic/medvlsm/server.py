@@ -18,7 +18,7 @@ The protocol (OpenAPI schema at ``/openapi.json``, interactive at ``/docs``):
 The image-feature cache lives here, so a re-prompt of a held volume runs the decoder only; it is
 kept per client, so no client learns from a cache hit what another client segmented.
 
-Security (the README's "Security" section lists each rule with its option): binds to localhost by
+Security (docs/server-security.md lists each rule with its option): binds to localhost by
 default, where only requests addressed to a localhost name (Host and Origin) are answered, against
 DNS rebinding; anywhere else needs a token file (``name token`` per line, re-read when it changes);
 bearer tokens are compared in constant time; each client sees only its own volumes and jobs; model
@@ -29,7 +29,7 @@ prompts; every body is size-limited; anything malformed is one 4xx line, never a
 results are kept in memory only, bounded in bytes and time; each client may have only a few runs
 waiting (one client cannot queue the GPU away from the others). The log holds what the server
 decided, one printable bounded line per event, never raw client text. TLS belongs to a reverse proxy
-in front (README).
+in front (docs/server.md).
 """
 
 from __future__ import annotations

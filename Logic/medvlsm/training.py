@@ -58,7 +58,7 @@ RECIPES = ("default", "paper")
 
 @dataclass
 class TrainConfig:
-    """``recipe`` fills what is left at 0: ``default`` (measured, README: batch 16 and the architecture's
+    """``recipe`` fills what is left at 0: ``default`` (measured, docs/finetune.md: batch 16 and the architecture's
     ``lr``), ``paper`` (the paper's batch size and learning rate per architecture)."""
 
     epochs: int = 50

@@ -3,7 +3,7 @@
 The command line's choices, ``medvlsm init`` and ``convert``, the defaults of a model folder that
 records no ``medvlsm.json``, the paper's learning rate, the benchmark and the tests all read this
 table. Adding an architecture is one module (a ``VLSM`` subclass, see ``base.py``) and one
-``register(Architecture(...))`` call (README, "Adding an architecture").
+``register(Architecture(...))`` call (docs/models.md, "Adding an architecture").
 
 No torch here: the table is read by fast commands and by Slicer before any model is needed; the
 module of an architecture is imported on first use of its classes.
