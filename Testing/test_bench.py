@@ -33,3 +33,15 @@ def test_server_load_bench_runs_and_nothing_is_mixed_up(tmp_path):
                                 "--json", str(tmp_path / "load.json")])
     assert report["answered"] == report["asked"] == 6 and report["mismatched"] == 0 and not report["errors"]
     assert report["p95_s"] >= report["p50_s"] > 0
+
+
+def test_the_readme_figure_is_regenerated_by_its_script(tmp_path):
+    """`python bench/readme_figure.py` (README): here with one epoch, a small input and another output."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "pyradiomics" / "brain1_image.nrrd").is_file():
+        pytest.skip("../shared/data/pyradiomics is absent (the shared real-data folder beside the checkout)")
+    import readme_figure
+
+    result = readme_figure.main(["--epochs", "1", "--input-size", "96", "--output", str(tmp_path / "figure.png")])
+    assert (tmp_path / "figure.png").stat().st_size > 10_000 and 0.0 <= result["dice"] <= 1.0
