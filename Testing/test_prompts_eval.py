@@ -3,6 +3,7 @@
 import csv
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,10 @@ def test_evaluate_a_model_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert rows[0]["prompt"] == "square"
     report = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| p6 | 4 |" in report and "dice_gain_over_empty_prompt" in report and "empty_images: 1" in report
+    wrong = {k: float(v) for k, v in re.findall(r"- (wrong_prompt_dice|wrong_prompt_empty_rate|right_wrong_mask_dice): "
+                                                 r"([\d.]+)", report)}
+    assert set(wrong) == {"wrong_prompt_dice", "wrong_prompt_empty_rate", "right_wrong_mask_dice"}, report
+    assert all(0.0 <= v <= 1.0 for v in wrong.values())
     assert len(list(out.parent.glob("results_worst*.png"))) == 3
     # random weights: every output says so (the PNGs in their title, also as PNG text)
     assert "UNTRAINED WEIGHTS" in report and all(r["weights"] == "untrained" for r in rows)

@@ -23,6 +23,9 @@ from .request import plan
 log = logging.getLogger("medvlsm")
 
 UNRELATED_PROMPT = "a photo of a car"
+# Prompts that describe nothing in a medical image of another structure: other anatomy, a lesion
+# elsewhere, non-medical words, nonsense. A model that uses the text answers them with empty masks.
+WRONG_PROMPTS = ("liver", "left kidney", "brain tumour", UNRELATED_PROMPT, "xq zvbn plorf")
 METRICS = ("dice", "iou", "hd95", "nsd")
 
 
@@ -175,17 +178,26 @@ def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, nsd_tol
     return rows
 
 
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Overlap of two masks; two empty masks agree fully."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
 def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", **options) -> dict:
     """Does the model use the text? Dice with the correct prompt minus Dice with the empty prompt and
-    with an unrelated one, and the false-positive rate on images where the target is absent.
-    ``options``: as ``evaluate_model``'s."""
+    with an unrelated one, and the false-positive rate on images where the target is absent; for the
+    fixed ``WRONG_PROMPTS`` (other anatomy, non-medical words, nonsense): their Dice with the truth,
+    how often their mask is empty, and their masks' Dice with the right prompt's (1: the text is
+    ignored). ``options``: as ``evaluate_model``'s."""
     correct, empty, unrelated, fp = [], [], [], []
+    wrong_dice, wrong_empty, agreement = [], [], []
     options = {"resize": "stretch", **options}
     for item in items:
         image, truth = item.load()
         probs = {}
-        for key, prompt in (("correct", strings(item.prompts, prompt_type)[0]), ("empty", ""),
-                            ("unrelated", UNRELATED_PROMPT)):
+        right = strings(item.prompts, prompt_type)[0]
+        for key, prompt in (("correct", right), ("empty", ""), ("unrelated", UNRELATED_PROMPT)):
             prob, t = _run(engine, item, image, prompt, options)
             probs[key] = prob > t
         d = {k: score(v, truth)["dice"] for k, v in probs.items()}
@@ -194,12 +206,22 @@ def robustness(engine, items: list[AnnotatedImage], prompt_type: str = "p1", **o
         unrelated.append(d["unrelated"])
         if not truth.any():
             fp.append(float(probs["correct"].any()))
+        for prompt in (p for p in WRONG_PROMPTS if p != right):  # the text should make these come back empty
+            prob, t = _run(engine, item, image, prompt, options)
+            mask = prob > t
+            if truth.any():
+                wrong_dice.append(_dice(mask, truth))
+            wrong_empty.append(float(not mask.any()))
+            agreement.append(_dice(mask, probs["correct"]))
     return {
         "prompt_type": prompt_type,
         "dice_correct": mean_std(correct)[0],
         "dice_gain_over_empty_prompt": mean_std(np.subtract(correct, empty))[0],
         "dice_gain_over_unrelated_prompt": mean_std(np.subtract(correct, unrelated))[0],
         "false_positive_rate_on_empty_images": mean_std(fp)[0] if fp else math.nan,
+        "wrong_prompt_dice": mean_std(wrong_dice)[0],  # WRONG_PROMPTS against the truth: should be ~0
+        "wrong_prompt_empty_rate": mean_std(wrong_empty)[0],  # how often they give an empty mask: should be ~1
+        "right_wrong_mask_dice": mean_std(agreement)[0],  # right vs wrong prompt's masks: 1 = the text is ignored
         "empty_images": len(fp),
         "cases": len(items),
     }
