@@ -267,7 +267,12 @@ def test_bodies_are_limited_on_every_route(server, held):
                   "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
         for _ in range(80):
             s.sendall(b"400\r\n" + b" " * 1024 + b"\r\n")
-        answer = s.recv(4096)
+        answer = b""
+        while b"exceeds" not in answer and len(answer) < 8192:  # the head and the body may come apart
+            piece = s.recv(4096)
+            if not piece:
+                break
+            answer += piece
     assert answer.startswith(b"HTTP/1.1 413") and b"exceeds" in answer
     for path in ("/models", f"/jobs/{'x' * 22}"):
         assert call(server.url + path, "GET", b"x" * (100 << 10))[0] == 413

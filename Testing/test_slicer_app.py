@@ -81,8 +81,11 @@ def test_effect_writes_the_segment_chosen_at_run_and_rethreshold_is_undoable():
 
 @pytest.mark.parametrize("scenario", ["gil-panel", "gil-effect"])
 def test_worker_runs_at_full_speed_under_pythonqts_gil_holding_event_loop(scenario):
+    """Without the GUI timer's wait the worker is starved (~10x slower). The loop's time also holds
+    fixed costs the free run has not (the preview drawn into MRML, the first poll): 0.5 s of slack on
+    top of 1.5x keeps a ~1.5 s run on a loaded 2-core machine from failing by noise."""
     report = slicer_app(scenario)
-    assert report["loop_s"] <= 1.5 * report["free_s"], report
+    assert report["loop_s"] <= 1.5 * report["free_s"] + 0.5, report
 
 
 def test_closing_the_scene_with_a_pending_preview_never_removes_the_next_patients_work():
