@@ -107,7 +107,7 @@ def test_panel_and_segment_editor_share_one_undo_history():
 def test_typing_prefetches_under_pythonqts_loop_and_the_run_decodes_only():
     report = slicer_app("prefetch")
     assert report["prefetch_started"] and report["prefetch_error"] == "", report
-    assert report["loop_s"] <= 1.5 * report["free_s"] + 0.5, report  # as fast as free-running
+    assert report["loop_s"] <= 2 * report["free_s"] + 1.0, report  # near free-running; starved, it took ~9x
     assert report["timer_stopped"] and report["from_cache"]
 
 
