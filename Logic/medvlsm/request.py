@@ -75,7 +75,7 @@ class Request:
         _check_options(self.plane, self.fusion, self.threshold, self.resize)
         start, stop = self.slices
         if self.plane == ALL_PLANES:
-            total = sum(SliceView(volume, p).num_slices for p in PLANES)
+            total = all_planes_slice_count(volume)
             if (start, stop) != (0, total):
                 raise InputError(f"All three planes segment slices 0:{total} of this volume, not {start}:{stop}",
                                  "Leave out the slice range, or choose one plane")
@@ -212,7 +212,7 @@ def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple 
         if slices is not None:
             raise InputError("A slice range belongs to one plane; all three planes segment the whole volume",
                              "Leave out the slice range, or choose one plane")
-        start, stop = 0, sum(SliceView(volume, p).num_slices for p in PLANES)  # each plane must hold 2x2 pixels
+        start, stop = 0, all_planes_slice_count(volume)
     else:
         view = SliceView(volume, plane or default_plane(volume))
         plane = view.plane
@@ -225,6 +225,12 @@ def plan(volume: Volume, prompts=(), *, plane: str | None = None, slices: tuple 
         warnings=tuple(w for _, problems in cleaned for w in problems))
     request.validate(volume)
     return request
+
+
+def all_planes_slice_count(volume: Volume) -> int:
+    """The slices of the three planes together: a request's range for ``all`` (each plane must hold
+    2x2 pixels)."""
+    return sum(SliceView(volume, p).num_slices for p in PLANES)
 
 
 def planes_cost(volume: Volume) -> str:

@@ -318,23 +318,15 @@ class EditorHistory:
 
     def __init__(self, editor):
         self.editor = editor
-        self._logic = hasattr(editor, "SaveStateForUndo")
+        names = ("GetSegmentationNode", "SetSegmentationNode", "SaveStateForUndo", "Undo", "Redo")
+        if not hasattr(editor, "SaveStateForUndo"):  # the widget: the same calls, Qt's spelling
+            names = ("segmentationNode", "setSegmentationNode", "saveStateForUndo", "undo", "redo")
+        self._segmentation, self._select, self._save, self.undo, self.redo = (getattr(editor, n) for n in names)
 
     def save_state(self, segmentation_node) -> None:
-        if self._logic:
-            if self.editor.GetSegmentationNode() is not segmentation_node:
-                self.editor.SetSegmentationNode(segmentation_node)
-            self.editor.SaveStateForUndo()
-        else:
-            if self.editor.segmentationNode() is not segmentation_node:
-                self.editor.setSegmentationNode(segmentation_node)
-            self.editor.saveStateForUndo()
-
-    def undo(self) -> None:
-        (self.editor.Undo if self._logic else self.editor.undo)()
-
-    def redo(self) -> None:
-        (self.editor.Redo if self._logic else self.editor.redo)()
+        if self._segmentation() is not segmentation_node:
+            self._select(segmentation_node)
+        self._save()
 
 
 def headless_editor_history(scene) -> EditorHistory:
