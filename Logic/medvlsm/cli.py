@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import Cancelled, InputError, MedVLSMError, ModelError
-from .models.architectures import ARCHITECTURES, converters
+from .models.architectures import ARCHITECTURES, architecture, converters
 from .request import ALL_PLANES, FUSIONS, planes_cost
 from .volume import PLANES
 
@@ -40,6 +40,16 @@ def _positive_float(text: str) -> float:
         value = float("nan")
     if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number, e.g. 1e-4")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 4.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio from 0 to 4: give e.g. 0.25 (0: no negatives)")
     return value
 
 
@@ -197,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slices without the structure kept, as a fraction of those with it (volumes; default 0.1)")
     ft.add_argument("--val-fraction", type=float, default=0.2, help="volumes held out for validation (default 0.2)")
     ft.add_argument("--model", default=None, help="registry name or model folder to start from (see `medvlsm init`)")
+    ft.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
+                    help="instead of --model: start from random weights of this architecture (unet: the paper's "
+                         "image-only baseline, MONAI BasicUNet; it ignores the prompt)")
+    ft.add_argument("--size", default="small", help="the size of --arch's random model (default small)")
+    ft.add_argument("--negative-ratio", type=_ratio, default=None, metavar="R",
+                    help="wrong prompts (absent structures, other organs, a wrong location) trained to an empty mask, "
+                         "per image (default 0.25; 0: none; image-only models: none)")
     ft.add_argument("--output", "-o", required=True, help="folder for the finetuned model, card and curves")
     ft.add_argument("--prompt-type", nargs="+", default=["p1"], help="p0..p9 (several: one drawn per sample) or random")
     ft.add_argument("--epochs", type=_positive_int, default=50)
@@ -408,6 +425,8 @@ def _runner(args, model=None):
         model = load_model(args.model)
     engine = Engine(model, device=device, precision=args.precision, batch_size=args.batch_size)
     trained = "" if model.spec.trained else ", UNTRAINED (random) weights"
+    if not architecture(model.spec.arch).reads_text:
+        trained += ", IMAGE-ONLY (the prompt is ignored)"
     return _Runner(lambda volume, request, progress: engine.segment(volume, request, progress=progress),
                    f", {model.spec.name} on {engine.device} ({str(engine.dtype).replace('torch.', '')}, batches of "
                    f"{engine.batch_size}){trained}")
@@ -668,10 +687,9 @@ def cmd_evaluate(args):
 
 def cmd_finetune(args):
     from . import training
-    from .models import load_model
 
     _check_prompt_types(args.prompt_type, allow_random=True)
-    model = load_model(args.model)
+    model = _starting_model(args)
     spec = model.spec
     if args.volumes or args.segmentations:
         if not (args.volumes and args.segmentations):
@@ -698,7 +716,8 @@ def cmd_finetune(args):
                                   prompt_types=args.prompt_type, freeze=args.freeze, seed=args.seed,
                                   patience=args.patience, precision=args.precision,
                                   max_steps_per_epoch=args.max_steps_per_epoch, resize=resize, device=args.device,
-                                  resume=args.resume)
+                                  resume=args.resume, **({} if args.negative_ratio is None else
+                                                         {"negative_ratio": args.negative_ratio}))
     Path(args.output).mkdir(parents=True, exist_ok=True)
     bar = lines = None
     if not args.quiet and training.dist_info()[0] == 0:
@@ -728,6 +747,20 @@ def cmd_finetune(args):
         print(f"Best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
               f"({summary['epochs']} epochs, {summary['steps_per_epoch']} steps/epoch x {summary['world_size']} "
               f"process(es), {summary['seconds']:.0f} s) -> {args.output}")
+
+
+def _starting_model(args):
+    """``--model`` (a registry name or folder), or random weights of ``--arch`` at ``--size``."""
+    from .models import load_model
+
+    if args.arch is None:
+        return load_model(args.model)
+    if args.model:
+        raise InputError("--model and --arch both say where training starts", "Give one of them")
+    arch = ARCHITECTURES[args.arch]
+    if args.size not in arch.sizes:
+        raise InputError(f"{arch.title} has no size {args.size!r}", f"Use one of: {', '.join(arch.sizes)}")
+    return arch.random(args.size, name=Path(args.output).name, seed=args.seed)
 
 
 def finetune_command(python: str, folder, output, model: str = "", epochs: int = 30, plane: str = "axial") -> list:

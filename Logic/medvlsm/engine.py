@@ -254,7 +254,7 @@ class Engine:
         start_time = time.perf_counter()
         spec = self.model.spec
         prompts = list(request.prompts)
-        warnings = list(request.warnings) + self.model.truncation_warnings(prompts)
+        warnings = list(request.warnings) + self.model.prompt_warnings(prompts)
         text = self.encode_text(prompts)
         threshold = spec.threshold if request.threshold is None else request.threshold
         if request.plane == ALL_PLANES:

@@ -34,6 +34,7 @@ import torch
 
 from .atomic import atomic_open, atomic_path
 from .errors import InputError
+from .negatives import NEGATIVE_RATIO, NegativePrompts, empty_cells
 from .preprocess import Letterbox, to_model_input
 from .window import choose_window
 from .prompts import PROMPT_TYPES, Attributes, geometry_attributes, ladder, strings
@@ -51,6 +52,9 @@ class Sample:
     mask: torch.Tensor  # [S, S] bool
     prompts: dict  # p0.. -> str or list
     name: str = ""
+    absent: tuple = ()  # other structures reviewed as absent on this image: negatives for their names
+    present: tuple = ()  # other structures annotated on this image: never negatives
+    empty_cells: tuple = ()  # location-grid cells without a pixel of the mask: attribute negatives
 
 
 RECIPES = ("default", "paper")
@@ -79,6 +83,7 @@ class TrainConfig:
     resize: str = "stretch"  # how the samples were fitted to the input: recorded in the model folder
     device: str = "auto"
     resume: bool = False  # continue from OUTPUT/checkpoint/last.pt
+    negative_ratio: float = NEGATIVE_RATIO  # wrong prompts with empty targets per image (negatives.py); 0: none
 
 
 def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "stretch", window="auto") -> Sample:
@@ -92,14 +97,26 @@ def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "
     pixels = to_model_input(raw, choose_window(image_volume, window), box, spec.mean, spec.std)[0]
     m = torch.from_numpy(np.ascontiguousarray(view.view(mask[None].astype(np.float32))))[:, None]
     target = box.apply(m)[0, 0] > 0.5
-    return Sample(pixels.to(torch.float16), target, prompts)
+    return Sample(pixels.to(torch.float16), target, prompts, empty_cells=empty_cells(mask))
 
 
 def samples_from_annotations(items, spec, resize: str = "stretch") -> list[Sample]:
+    """Entries -> samples; entries sharing an image tell each sample which other classes that image
+    holds (never its negatives) and which were annotated as absent (its first negatives)."""
+    from .negatives import class_name
+
     out = []
     for item in items:
         image, mask = item.load()
         out.append(dataclasses.replace(prepare(image, mask, item.prompts, spec, resize), name=item.name))
+    by_image = {}
+    for item, sample in zip(items, out):
+        by_image.setdefault(item.image, []).append(sample)
+    for siblings in by_image.values():
+        for sample in siblings:
+            others = [(class_name(o.prompts), bool(o.mask.any())) for o in siblings if o is not sample]
+            sample.present = tuple(name for name, there in others if there)
+            sample.absent = tuple(name for name, there in others if not there)
     return out
 
 
@@ -110,7 +127,8 @@ def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: floa
 
     Prompts: the segment name as p1, plus the ladder p2..p6 built from the slice mask's geometry.
     Slices where a structure is absent are kept as ``empty_fraction`` x the present ones, so the
-    model learns to answer "nothing here".
+    model learns to answer "nothing here"; each sample records the case's other structures absent
+    from its slice (negative prompts, ``negatives.py``).
     """
     from .request import ALL_PLANES
     from .volume import PLANES, SliceView
@@ -137,8 +155,8 @@ def _plane_samples(case: str, loaded, view, recipe, empty_fraction: float, rng) 
     spec, resize, window = recipe
     image = view.view(volume.array)
     out = []
-    for mask3d, name in zip(masks, names):
-        mview = view.view(mask3d)
+    views = [view.view(m) for m in masks]
+    for mview, name in zip(views, names):
         present = [s for s in range(view.num_slices) if mview[s].any()]
         absent = [s for s in range(view.num_slices) if not mview[s].any()]
         chosen = present + rng.sample(absent, min(len(absent), int(round(empty_fraction * len(present)))))
@@ -147,7 +165,10 @@ def _plane_samples(case: str, loaded, view, recipe, empty_fraction: float, rng) 
             prompts = ladder(Attributes(name, size=g["size"], number=g["number"], location=g["location"]))
             slice_volume = Volume(np.ascontiguousarray(image[s][None]), (view.pixel_spacing[1], view.pixel_spacing[0], 1.0))
             sample = prepare(slice_volume, np.asarray(mview[s]), prompts, spec, resize, window)
-            out.append(dataclasses.replace(sample, name=f"{case}:{name}:{view.plane}:{s}"))
+            others = [(other, bool(oview[s].any())) for other, oview in zip(names, views) if other != name]
+            out.append(dataclasses.replace(sample, name=f"{case}:{name}:{view.plane}:{s}",
+                                           present=tuple(o for o, there in others if there),
+                                           absent=tuple(o for o, there in others if not there)))
     return out
 
 
@@ -220,6 +241,9 @@ def _freeze(model, how: str) -> list:
         raise InputError(f"Unknown --freeze {how!r}", "Use none, encoders or text")
     towers = model.towers()
     frozen = {"none": [], "text": towers["text"], "encoders": towers["image"] + towers["text"]}[how]
+    if how != "none" and not frozen:
+        raise InputError(f"{model.spec.arch} has no pretrained encoders to freeze (--freeze {how})",
+                         "Use --freeze none")
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
@@ -232,17 +256,59 @@ def _stack(chunk, device):
             torch.stack([s.mask for s in chunk]).float().to(device))
 
 
-def _batches(samples, indices, config: TrainConfig, rng, tokenizer_fn, device):
-    """Training batches; a last batch of one joins the one before (BatchNorm, as in CRIS, needs two)."""
+class _Feed(NamedTuple):
+    """What turns samples into batches: the config, the model's tokenizer, the device, the negatives."""
+
+    config: TrainConfig
+    tokenize: object
+    device: torch.device
+    negatives: NegativePrompts | None
+
+
+def _batches(samples, indices, rng, feed: _Feed):
+    """Training batches ``(pixels, ids, attention, masks, positives)``; a last batch of one joins the one
+    before (BatchNorm, as in CRIS, needs two). With negatives, each image comes back with probability
+    ``negative_ratio`` with a prompt for something absent and an empty target, appended to its batch
+    after the ``positives`` rows."""
+    config = feed.config
     starts = list(range(0, len(indices), config.batch_size))
     if len(starts) > 1 and len(indices) - starts[-1] == 1:
         starts.pop()
     for start, end in zip(starts, starts[1:] + [len(indices)]):
         chunk = [samples[i] for i in indices[start:end]]
         prompts = [pick_prompt(s, config.prompt_types, rng) for s in chunk]
-        tokens = tokenizer_fn(prompts)
-        pixels, masks = _stack(chunk, device)
-        yield pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), masks
+        pixels, masks = _stack(chunk, feed.device)
+        if feed.negatives is not None:
+            wrong = [(i, feed.negatives.pick(s, p, rng)) for i, (s, p) in enumerate(zip(chunk, prompts))
+                     if rng.random() < feed.negatives.ratio]
+            wrong = [(i, text) for i, text in wrong if text is not None]
+            if wrong:
+                rows = torch.tensor([i for i, _ in wrong], device=feed.device)
+                prompts += [text for _, text in wrong]
+                pixels = torch.cat([pixels, pixels[rows]])
+                masks = torch.cat([masks, torch.zeros_like(masks[rows])])
+        tokens = feed.tokenize(prompts)
+        yield pixels, tokens["input_ids"].to(feed.device), tokens["attention_mask"].to(feed.device), masks, len(chunk)
+
+
+def negative_loss(negative_logits: torch.Tensor, positive_masks: torch.Tensor, ce_weight: float) -> torch.Tensor:
+    """Loss of the prompts whose answer is "nothing here" (logits ``[N, S, S]``): the fraction of the
+    batch's predicted foreground that falls on them, beside its true foreground (``positive_masks``),
+    plus the recipe's BCE. Per-image Dice gives an empty target almost no gradient; this term keeps
+    one as long as anything is predicted there, and stays in scale with the positives' Dice (a fixed
+    weight on the top pixels made a small model answer nothing to everything for epochs)."""
+    wrong = torch.sigmoid(negative_logits).sum()
+    fraction = wrong / (wrong + positive_masks.sum() + 1.0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(negative_logits, torch.zeros_like(negative_logits))
+    return fraction + ce_weight * bce
+
+
+def _loss(loss_fn, logits, masks, positives: int) -> torch.Tensor:
+    """The recipe's loss on the batch's described images, plus ``negative_loss`` on its negatives."""
+    loss = loss_fn(logits[:positives, None], masks[:positives, None])
+    if positives < len(logits):
+        loss = loss + negative_loss(logits[positives:], masks[:positives], loss_fn.lambda_ce)
+    return loss
 
 
 def _dice(logits, masks, threshold: float = 0.5) -> torch.Tensor:
@@ -283,6 +349,12 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     frozen = _freeze(model, config.freeze)
     for module in frozen:
         module.eval()
+    negatives = None
+    if config.negative_ratio > 0 and architecture(model.spec.arch).reads_text:
+        negatives = NegativePrompts.for_samples(train, config.negative_ratio)
+    elif config.negative_ratio > 0:  # an image-only model: a wrong prompt would only teach it to erase the image
+        config = dataclasses.replace(config, negative_ratio=0.0)
+        log.info("%s reads no text: trained without negative prompts", model.spec.arch)
     if len(train) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
                               for m in model.modules()):
         raise InputError(f"{model.spec.arch} normalises over the batch (BatchNorm) and needs at least 2 training "
@@ -314,7 +386,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         state = json.loads(saved["state"])
     if rank == 0:
         (output / "checkpoint").mkdir(parents=True, exist_ok=True)
-    tokenize = model.tokenize
+    feed = _Feed(config, model.tokenize, device, negatives)
     started = time.perf_counter()
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         rng = random.Random(config.seed * 1000 + epoch * 10 + rank)
@@ -324,10 +396,10 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         for module in frozen:
             module.eval()
         train_loss, steps, epoch_start = 0.0, 0, time.perf_counter()
-        for pixels, ids, mask_ids, masks in _batches(train, order, config, rng, tokenize, device):
+        for pixels, ids, mask_ids, masks, positives in _batches(train, order, rng, feed):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = step_model(pixels, ids, mask_ids)
-            loss = loss_fn(logits.float()[:, None], masks[:, None])
+            loss = _loss(loss_fn, logits.float(), masks, positives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -445,6 +517,8 @@ def write_model_card(output: Path, model, config: TrainConfig, summary: dict) ->
         "| | |", "|---|---|",
         f"| training / validation samples | {n_train} / {n_val} |",
         f"| prompt types | {', '.join(config.prompt_types)} |",
+        f"| negative prompts per image | {config.negative_ratio:g}"
+        f"{' (wrong prompts trained to an empty mask)' if config.negative_ratio else ''} |",
         f"| epochs run (best) | {summary['epochs']} ({summary['best_epoch']}) |",
         f"| best validation Dice | {summary['best_val_dice']:.4f} |",
         f"| batch size, lr, weight decay | {config.batch_size}, {config.lr:g}, {config.weight_decay:g} |",

@@ -47,6 +47,11 @@ def names() -> list[str]:
     return sorted({s.name for s in _table().values()})
 
 
+def anatomy_names() -> list[str]:
+    """Names of normal structures (organs), not of lesions: negative prompts for finetuning (``negatives.py``)."""
+    return sorted({s.name for s in _table().values() if s.category == "anatomy"})
+
+
 def lookup(prompt: str) -> Structure | None:
     """The structure a prompt names: the whole prompt, else its longest matching ending
     ("enlarged liver" -> liver, "one small round lung tumor" -> tumor)."""

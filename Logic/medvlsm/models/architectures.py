@@ -43,6 +43,8 @@ class Architecture:
         sizes: the sizes its ``random(size)`` builds (``full`` = the paper's).
         converters: ``medvlsm convert --arch`` name -> (function of ``module`` taking ``sources,
             output, name``, what ``--from`` takes).
+        reads_text: False for an image-only model (the paper's UNet baseline): its folder has no
+            tokenizer, every prompt gives the same mask, and every surface says so.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Architecture:
     input_multiple: int = 1
     sizes: tuple = ("full", "small", "tiny")
     converters: dict = field(default_factory=dict)
+    reads_text: bool = True
 
     def model_class(self):
         """The ``VLSM`` subclass (imports its module: torch and transformers)."""
@@ -117,3 +120,7 @@ register(Architecture(
     converters={"biomedclipseg": ("convert", "open_clip_pytorch_model.bin and vocab.txt (BiomedCLIP hub repo)"),
                 "biomedclipseg-d": ("convert_d", "the same and model.safetensors of CIDAS/clipseg-rd64-refined "
                                     "(its decoder)")}))
+register(Architecture(
+    "unet", "UNet (image only)", "medvlsm.models.unet", "UNet",
+    dict(input_size=352, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.5, text_tokens=0), paper_lr=1e-3,
+    input_multiple=16, reads_text=False))

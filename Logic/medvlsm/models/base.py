@@ -57,12 +57,16 @@ class VLSM(torch.nn.Module):
         """A model folder (``save_pretrained`` layout, local files only) -> the model in eval mode."""
         from transformers import AutoTokenizer
 
+        from .architectures import architecture
+
         quiet_transformers()
         hf = cls.hf_class.from_pretrained(str(folder), local_files_only=True).eval()
-        return cls(hf, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spec)
+        reads_text = architecture(spec.arch).reads_text
+        return cls(hf, AutoTokenizer.from_pretrained(str(folder), local_files_only=True) if reads_text else None, spec)
 
-    def truncation_warnings(self, prompts: list[str]) -> list[str]:
-        """One sentence per prompt longer than the text encoder reads (the engine shows them)."""
+    def prompt_warnings(self, prompts: list[str]) -> list[str]:
+        """Sentences about how the model reads the prompts (the engine shows them): here, one per
+        prompt longer than the text encoder reads."""
         full = self.tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]
         return [f"Prompt {p[:60] + '...'!r} is {len(ids)} tokens long; {self.spec.name} reads at most "
                 f"{self.spec.text_tokens}, the rest is ignored. Shorten the prompt."
@@ -113,7 +117,7 @@ class VLSM(torch.nn.Module):
         return next(self.parameters()).device
 
     def save_pretrained(self, folder) -> None:
-        """One checkpoint format: transformers' folder + tokenizer + ``medvlsm.json``. Written into a
+        """One checkpoint format: transformers' folder + tokenizer (if it reads text) + ``medvlsm.json``. Written into a
         temporary folder first, then renamed file by file into ``folder`` with ``medvlsm.json`` last
         (files 0644, readable by colleagues; an interrupted save leaves the earlier model intact)."""
         from ..atomic import atomic_files
@@ -121,5 +125,6 @@ class VLSM(torch.nn.Module):
 
         with atomic_files(folder, last=SPEC_FILE) as tmp:
             self.hf.save_pretrained(str(tmp), safe_serialization=True)
-            self.tokenizer.save_pretrained(str(tmp))
+            if self.tokenizer is not None:  # an image-only model has none
+                self.tokenizer.save_pretrained(str(tmp))
             self.spec.save(tmp)

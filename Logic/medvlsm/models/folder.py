@@ -43,6 +43,15 @@ def folder_spec(folder: Path, fallback: ModelSpec | None = None) -> ModelSpec:
     return architecture(arch).spec(**spec)
 
 
+def _reads_text(folder: Path) -> bool:
+    """Whether the folder's architecture needs a tokenizer (unknown: assume it does; ``folder_spec`` names it)."""
+    try:
+        arch = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return arch not in ARCHITECTURES or ARCHITECTURES[arch].reads_text
+
+
 def check_folder(folder: Path) -> None:
     """Name the first missing piece of a model folder, before transformers fails obscurely."""
     if not folder.is_dir():
@@ -51,7 +60,7 @@ def check_folder(folder: Path) -> None:
     if not weights:
         raise ModelError(f"Model folder {folder} has no weights (model.safetensors)",
                          "Copy the complete folder, or recreate it with save_pretrained")
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+    if _reads_text(folder) and not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
         raise ModelError(f"Model folder {folder} has no tokenizer (tokenizer.json or vocab.json + merges.txt)",
                          "Copy the tokenizer files into the folder (tokenizer.save_pretrained)")
     for w in weights:
