@@ -64,6 +64,12 @@ def tiny_model():
     return CLIPSeg.random("tiny", seed=0)
 
 
+def assert_same_levels(a, b):
+    """Two uint8 probability arrays (x 255) of the same computation in another order: at most one level apart."""
+    assert a.dtype == b.dtype == np.uint8
+    assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max(initial=0) <= 1
+
+
 @pytest.fixture
 def engine(tiny_model):
     from medvlsm.engine import Engine

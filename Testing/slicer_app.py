@@ -766,7 +766,7 @@ def scenario_effect(args):
     # change the segment, to a value the slider can show
     result = effect.run.result
     quantile = 0.7 if first.mean() > 0.5 else 0.3
-    value = min(99, max(1, int(round(float(np.quantile(result.probabilities[0], quantile)) * 100))))
+    value = min(99, max(1, int(round(float(np.quantile(result.probabilities[0], quantile)) / 255 * 100))))
     effect.thresholdSlider.setValue(value)  # tracking off: as on release
     second = glue.read_segment(segmentation, target, volume)
     REPORT["rethreshold_voxels"] = int(second.sum())

@@ -5,7 +5,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import blobs
+from conftest import assert_same_levels, blobs
 
 from medvlsm.engine import Engine, SegmentationResult
 from medvlsm.errors import Cancelled, InputError
@@ -16,9 +16,9 @@ from medvlsm.volume import Volume
 from medvlsm.window import choose_window
 
 # "The same" in fp32: the same sums in another association order (batch shapes, padding) differ by
-# ~1e-6 relative on logits; probabilities are compared to 2e-5 absolute.
+# ~1e-6 relative on logits; the uint8 probabilities (x 255) then differ by at most one level, where
+# the float lies on a rounding boundary.
 RTOL = 1e-5
-PROB_ATOL = 2e-5
 
 
 def ct_volume(shape=(10, 40, 48), seed=0):
@@ -50,7 +50,7 @@ def test_cached_features_give_the_uncached_result(tiny_model):
     second = cached.segment(v, ["spleen"])
     assert second.from_cache
     fresh = Engine(tiny_model, device="cpu", precision="fp32", batch_size=4).segment(v, ["spleen"])
-    np.testing.assert_allclose(second.probabilities, fresh.probabilities, atol=PROB_ATOL)
+    assert_same_levels(second.probabilities, fresh.probabilities)
 
 
 def test_cache_is_keyed_on_content_and_settings(tiny_model):
@@ -75,7 +75,7 @@ def test_prefetch_encodes_the_slice_on_screen_before_the_prompt_is_known(tiny_mo
     assert preview.from_cache  # the decoder only
     fresh = Engine(tiny_model, device="cpu", precision="fp32", batch_size=4).segment(v, ["liver"], plane="coronal",
                                                                                    slices=(5, 6))
-    np.testing.assert_allclose(preview.probabilities, fresh.probabilities, atol=PROB_ATOL)
+    assert_same_levels(preview.probabilities, fresh.probabilities)
     assert "liver" in e._text_cache and "prefetch" not in e._text_cache  # no text work for a prefetch
     Engine(tiny_model, device="cpu", precision="fp32").prefetch(v, slices=(0, 1))  # no cache: nothing to do
 
@@ -98,7 +98,7 @@ def test_several_prompts_in_one_pass_equal_separate_runs(engine):
     together = engine.segment(v, ["liver", "spleen", "bright"])
     for p, prompt in enumerate(["liver", "spleen", "bright"]):
         alone = engine.segment(v, [prompt])
-        np.testing.assert_allclose(together.probabilities[p], alone.probabilities[0], atol=PROB_ATOL)
+        assert_same_levels(together.probabilities[p], alone.probabilities[0])
 
 
 def test_cancel_stops_within_one_batch_and_returns_nothing(engine):
@@ -137,7 +137,7 @@ def test_memory_is_bounded_on_a_deep_volume(engine):
         del engine.model.encode_images
     assert len(sizes) == 30 and max(sizes) == 4
     assert max(alive) == 0
-    assert result.probabilities.shape == (1,) + v.shape and result.probabilities.dtype == np.float32
+    assert result.probabilities.shape == (1,) + v.shape and result.probabilities.dtype == np.uint8
 
 
 def test_slice_range_only_touches_those_slices(engine):
@@ -287,18 +287,38 @@ def test_labelmap_follows_argmax_with_ties_to_the_earlier_prompt_in_little_memor
     from medvlsm.postprocess import labelmap
 
     rng = np.random.default_rng(0)
-    probabilities = rng.integers(0, 5, (3, 6, 20, 20)).astype(np.float32) / 4  # many ties
-    masks = probabilities > 0.3
-    scores = np.where(masks, probabilities, -1.0)
+    probabilities = (rng.integers(0, 5, (3, 6, 20, 20)) * 60).astype(np.uint8)  # many ties
+    masks = probabilities > 70
+    masks[0, 0, 0, 0] = True  # a filled hole: in the mask whatever its probability (0 here)
+    probabilities[:, 0, 0, 0] = 0
+    scores = np.where(masks, probabilities.astype(int), -1)
     expected = np.where(masks.any(0), scores.argmax(0) + 1, 0)
     np.testing.assert_array_equal(labelmap(masks, probabilities), expected)
-    big = rng.random((3, 16, 256, 256), dtype=np.float32)
-    big_masks = big > 0.5
+    big = rng.integers(0, 256, (3, 128, 128, 128), dtype=np.uint8)
+    big_masks = big > 127
     tracemalloc.start()
     labelmap(big_masks, big)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak <= 8 * big[0].size  # bytes per voxel: a running maximum, not a float copy + int64 argmax
+    assert peak <= 1.5 * big[0].size  # bytes per voxel: the labels and a slab, not a float copy + int64 argmax
+
+
+def test_uint8_probabilities_cut_like_float32_within_half_a_step():
+    """The result keeps round(p x 255): at any threshold its mask is the float32 mask except where p lies
+    within half a quantisation step of the threshold."""
+    from medvlsm.postprocess import LEVELS, quantise, threshold
+
+    rng = np.random.default_rng(1)
+    p = np.concatenate([rng.random(200_000, dtype=np.float32), np.arange(256, dtype=np.float32) / 255,
+                        (np.arange(255, dtype=np.float32) + 0.5) / 255])  # also the levels and the boundaries
+    q = quantise(p)
+    assert q.dtype == np.uint8 and np.abs(q / LEVELS - p).max() <= 0.5 / LEVELS + 1e-7
+    for t in list(rng.random(50)) + [0.5, 0.35, 1 / 255, 254 / 255, 127.5 / 255]:
+        differ = threshold(q, t) != (p > t)
+        assert np.abs(p[differ] - t).max(initial=0) <= 0.5 / LEVELS + 1e-6, t
+    import torch
+
+    assert torch.equal(quantise(torch.from_numpy(p)), torch.from_numpy(q))  # the engine quantises in torch
 
 
 @pytest.mark.parametrize("fusion", ["mean", "max", "majority"])
@@ -312,8 +332,10 @@ def test_all_three_planes_fuse_the_single_plane_results_on_the_grid(tiny_model, 
     calls = []
     fused = engine.segment(v, ["liver", "spleen"], plane="all", fusion=fusion, progress=lambda d, t: calls.append((d, t)))
     single = np.stack([engine.segment(v, ["liver", "spleen"], plane=p).probabilities for p in PLANES])
-    expected = {"mean": single.mean(0), "max": single.max(0), "majority": (single > 0.5).mean(0)}[fusion]
-    np.testing.assert_allclose(fused.probabilities, expected, atol=1e-6)
+    expected = {"mean": np.rint(single.mean(0)), "max": single.max(0),
+                "majority": (single > 0.5 * 255).sum(0) * 85}[fusion]
+    assert fused.probabilities.dtype == np.uint8
+    np.testing.assert_array_equal(fused.probabilities, expected.astype(np.uint8))
     assert fused.threshold == 0.5 and fused.plane == "all" and calls[-1] == (sum(v.shape), sum(v.shape))
     assert engine.segment(v, ["kidney"], plane="all", fusion=fusion).from_cache
     fresh = Engine(tiny_model, device="cpu", precision="fp32", cache_bytes=1 << 28)

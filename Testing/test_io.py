@@ -36,10 +36,11 @@ def test_labelmap_round_trip(tmp_path, oblique_volume, ext):
 
 
 def test_probabilities_one_component_per_prompt(tmp_path, oblique_volume):
-    probs = np.random.default_rng(0).random((2,) + oblique_volume.shape).astype(np.float32)
+    probs = np.random.default_rng(0).integers(0, 256, (2,) + oblique_volume.shape, dtype=np.uint8)
     io.write_probabilities(oblique_volume, probs, tmp_path / "p.nrrd")
     image = sitk.ReadImage(str(tmp_path / "p.nrrd"))
-    assert image.GetNumberOfComponentsPerPixel() == 2 and image.GetPixelID() == sitk.sitkVectorFloat32
+    assert image.GetNumberOfComponentsPerPixel() == 2 and image.GetPixelID() == sitk.sitkVectorUInt8
+    assert "probability x 255" in image.GetMetaData("descrip")
     np.testing.assert_array_equal(np.moveaxis(sitk.GetArrayFromImage(image), -1, 0), probs)
     assert_same_geometry(image, oblique_volume)
 

@@ -120,7 +120,7 @@ def test_type_run_preview_rethreshold_apply_undo(panel, tmp_path):
     before = preview.masks.sum()
     panel.ui["thresholdSlider"].setValue(95)
     assert calls == [] and preview.masks.sum() <= before
-    np.testing.assert_array_equal(preview.masks, panel.session.last_result.probabilities > 0.95)
+    np.testing.assert_array_equal(preview.masks, panel.session.last_result.masks(0.95))
 
     # a new prompt on the same volume reuses the image features
     panel.ui["promptsEdit"].setPlainText("kidney")
@@ -136,7 +136,7 @@ def test_type_run_preview_rethreshold_apply_undo(panel, tmp_path):
     assert target.GetSegmentation().GetNthSegment(0).GetName() == "kidney"
     assert panel.session.preview is None and panel.ui["undoButton"].isEnabled()
     np.testing.assert_array_equal(glue.read_segment(target, target.GetSegmentation().GetNthSegmentID(0), volume),
-                                  panel.session.last_result.probabilities[0] > 0.95)
+                                  panel.session.last_result.masks(0.95)[0])
     panel.click("exportButton")
     assert panel.exported.is_file() and "Exported" in panel.ui["statusLabel"].text()
     panel.click("undoButton")
@@ -347,3 +347,35 @@ def test_all_three_planes_in_the_panel(panel):
     assert result.plane == "all" and Settings.load(panel.param).plane == "all"
     np.testing.assert_array_equal(panel.session.preview.masks, result.masks())
     assert result.grid.same_grid(glue.volume_from_node(volume))
+
+
+def test_an_image_only_model_and_an_unrecognised_prompt_say_so(app, scene, tmp_path):
+    """The UNet baseline selected under Model: the prompt box and the status say the text is ignored.
+    A prompt the model answers with nothing: an empty preview and a line that says so, not a region.
+    (A UNet whose output layer is biased to "nothing" stands in for a model that does not recognise a
+    prompt; no pretrained weights are reachable here.)"""
+    import torch
+    from medvlsm.models import ARCHITECTURES
+
+    unet = ARCHITECTURES["unet"].random("tiny")
+    folder = tmp_path / "unet-baseline"
+    unet.save_pretrained(folder)
+    with torch.no_grad():
+        unet.hf.unet.final_conv.bias.fill_(-100.0)
+    panel = Panel(app, scene, unet, tmp_path)
+    add_volume(scene)
+    panel.c.refresh_nodes()
+    edit = panel.ui["promptsEdit"]
+    assert "image-only" not in edit.placeholderText()
+    panel.c.add_model_folder(str(folder))
+    assert "image-only" in edit.placeholderText() and "ignores the text" in panel.ui["statusLabel"].text()
+    edit.setPlainText("liver")
+    panel.click("runButton")
+    panel.wait()
+    status = panel.ui["statusLabel"].text()
+    assert "liver: 0 voxels" in status and "Nothing found for 'liver'" in status, status
+    assert "ignores the prompt" in status
+    assert panel.session.preview is not None and not panel.session.preview.masks.any()
+    panel.c.add_model_folder("tiny-clipseg")  # back to a VLSM: the box's own hint returns
+    assert "image-only" not in edit.placeholderText()
+    panel.c.shutdown()

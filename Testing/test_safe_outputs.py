@@ -82,20 +82,20 @@ def _seg_nrrd(path, value):
 @pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(28, "No space left on device")],
                          ids=["interrupt", "disk-full"])
 def test_a_write_that_stops_midway_leaves_the_earlier_file_and_no_temporary(tmp_path, monkeypatch, failure):
-    import nrrd
+    from medvlsm import wire
 
     target = tmp_path / "result.seg.nrrd"
     _seg_nrrd(target, True)
     before = sha(target)
-    real_write = nrrd.write
+    real_write = wire.write_nrrd
 
-    def half_then_fail(filename, *args, **kwargs):
-        real_write(filename, *args, **kwargs)
-        with open(filename, "r+b") as f:
-            f.truncate(os.path.getsize(filename) // 2)
+    def half_then_fail(file, *args, **kwargs):
+        real_write(file, *args, **kwargs)
+        file.flush()
+        file.truncate(file.tell() // 2)
         raise failure
 
-    monkeypatch.setattr(nrrd, "write", half_then_fail)
+    monkeypatch.setattr(wire, "write_nrrd", half_then_fail)
     with pytest.raises(type(failure)):
         _seg_nrrd(target, False)
     assert sha(target) == before and leftovers(tmp_path) == []

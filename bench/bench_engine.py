@@ -11,8 +11,9 @@ Cases, full-size CLIPSeg with random weights (speed does not depend on the weigh
   (c) engine, re-prompt of the already-encoded volume (decoder only, feature cache);
   (d) current-slice preview (one slice, new prompt, nothing cached for it), and the same after the
       slice was prefetched (what the Slicer panel does while the prompt is typed);
-  (e) with --memory: peak RSS of a first pass on the volume and on one 4x deeper, minus what the
-      extra slices themselves need (voxels, float32 probabilities and uint8 masks).
+  (e) --memory (instead of a-d): bytes per voxel that `medvlsm segment` holds beyond the volume for
+      each output kind, one prompt and each further one: the slope of its peak RSS between 64 and 256
+      slices of 512 x 512 (``--memory-depths``), small and full CLIPSeg (``--memory-models``).
 Peak memory is each case's own peak RSS, measured in a fresh subprocess. Results: a JSON file
 (``--json``) and a markdown table on stdout. Ratios are what to compare across machines.
 """
@@ -124,6 +125,15 @@ def _in_subprocess(case: str, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def print_memory(results: dict) -> None:
+    m = results["memory"]
+    print(f"Machine: {results['machine']}; {m['depths'][0]} -> {m['depths'][1]} slices of {m['size']} x {m['size']}; "
+          "bytes per voxel held beyond the volume (int16) by `medvlsm segment`\n")
+    print("| model | output | one prompt | each further prompt |\n|---|---|---|---|")
+    for r in m["rows"]:
+        print(f"| CLIPSeg {r['model']} | {r['kind']} | {r['one_prompt']:.2f} | {r.get('each_further_prompt', float('nan')):.2f} |")
+
+
 def report(results: dict, path=None) -> dict:
     """Print ``results`` as JSON and, with ``path``, save them there (the benchmarks' one output)."""
     print(json.dumps(results, indent=2))
@@ -147,17 +157,69 @@ def machine() -> str:
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
 
 
-def memory_flatness(depth, size, shallow, precision, batch, tmp) -> dict:
-    """Peak RSS of a first pass on a 4x deeper volume against ``shallow`` (the same case at ``depth``)."""
-    deeper = 4 * depth
-    path = tmp / "deeper.nrrd"
-    make_volume(deeper, size, path)
-    deep = _in_subprocess("case_engine", volume_path=str(path), precision=precision, batch=batch, reprompt=False,
-                          preview=False)
-    own = (deeper - depth) * size * size * (2 + 4 + 1) / 2**20  # int16 voxels, float32 probabilities, uint8 masks
-    added = deep["peak_rss_mb"] - shallow["peak_rss_mb"]
-    return {"depth": depth, "deeper": deeper, "peak_rss_mb": shallow["peak_rss_mb"],
-            "deeper_peak_rss_mb": deep["peak_rss_mb"], "added_mb": added, "own_mb": own, "excess_mb": added - own}
+MEMORY_KINDS = {  # output kind -> the segment arguments that write it (besides -o for the first)
+    "labelmap .nii.gz": ["-o", "{out}.nii.gz"],
+    "labelmap .nrrd": ["-o", "{out}.nrrd"],
+    ".seg.nrrd": ["-o", "{out}.seg.nrrd"],
+    "+ probabilities .nii.gz": ["-o", "{out}.seg.nrrd", "--probabilities", "{out}-p.nii.gz"],
+    "+ overlay .png": ["-o", "{out}.seg.nrrd", "--overlay", "{out}.png"],
+}
+MEMORY_PROMPTS = ["liver", "spleen", "left kidney"]
+
+
+def _peak_rss_mb(argv: list) -> float:
+    """Peak RSS of one command (its own, from wait4: RUSAGE_CHILDREN would be the largest of all children)."""
+    import os
+
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    err = child.stderr.read().decode(errors="replace")
+    if status:
+        raise RuntimeError(f"{' '.join(argv)} failed: {err[-1500:]}")
+    return usage.ru_maxrss / 1024
+
+
+def output_memory(depths, size: int, models, tmp: Path, kinds=None, prompts=(1, 3)) -> dict:
+    """Bytes per voxel a ``medvlsm segment`` run holds beyond the volume, per output kind, from the
+    slope of its peak RSS between two depths (what does not grow with the volume — the model, torch,
+    one batch — cancels out); minus the input's own 2 bytes (int16) per voxel. Each run is a fresh
+    process; the same for one prompt and for each further prompt."""
+    shallow, deep = depths
+    volumes = {}
+    for depth in depths:  # made in a child: a forked child's peak RSS starts at its parent's
+        volumes[depth] = tmp / f"memory-{depth}.nrrd"
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_engine; "
+                        f"bench_engine.make_volume({depth}, {size}, bench_engine.Path({str(volumes[depth])!r}))"],
+                       check=True)
+    extra_voxels = (deep - shallow) * size * size
+    rows = []
+    for model_size in models:
+        folder = tmp / f"clipseg-{model_size}"
+        if not folder.is_dir():
+            subprocess.run([sys.executable, "-m", "medvlsm.cli", "init", "--size", model_size, "-o", str(folder)],
+                           check=True, capture_output=True)
+        for kind, template in (kinds or MEMORY_KINDS).items():
+            per_prompts = {}
+            for n in prompts:
+                peaks = {}
+                for depth in depths:
+                    out = str(tmp / f"out-{depth}")
+                    argv = [sys.executable, "-m", "medvlsm.cli", "--quiet", "segment", str(volumes[depth]),
+                            "--model", str(folder), "--device", "cpu", *[a.format(out=out) for a in template]]
+                    for prompt in MEMORY_PROMPTS[:n]:
+                        argv += ["-p", prompt]
+                    peaks[depth] = _peak_rss_mb(argv)
+                slope = (peaks[deep] - peaks[shallow]) * 2**20 / extra_voxels
+                per_prompts[n] = {"peak_rss_mb": peaks, "bytes_per_voxel": slope, "beyond_volume": slope - 2.0}
+            row = {"model": model_size, "kind": kind, "prompts": per_prompts,
+                   "one_prompt": per_prompts[prompts[0]]["beyond_volume"]}
+            if len(prompts) > 1:
+                row["each_further_prompt"] = ((per_prompts[prompts[-1]]["bytes_per_voxel"]
+                                               - per_prompts[prompts[0]]["bytes_per_voxel"]) / (prompts[-1] - prompts[0]))
+            rows.append(row)
+            print(f"  {model_size} {kind}: {row['one_prompt']:.2f} B/voxel beyond the volume for one prompt, "
+                  f"{row.get('each_further_prompt', float('nan')):.2f} per further prompt", flush=True)
+    return {"depths": list(depths), "size": size, "rows": rows}
 
 
 def main(argv=None):
@@ -171,12 +233,23 @@ def main(argv=None):
     p.add_argument("--naive-slices", type=int, default=None, help="time the naive way on this many slices "
                    "(per-slice cost is constant; default: all in quick mode, 16 in full mode)")
     p.add_argument("--no-naive", action="store_true")
-    p.add_argument("--memory", action="store_true", help="also a first pass on a 4x deeper volume: is memory flat?")
+    p.add_argument("--memory", action="store_true", help="bytes per voxel of every output kind instead of the "
+                   "speed cases (targets: <= 3 beyond the volume for one prompt, <= 1.5 per further prompt)")
+    p.add_argument("--memory-depths", type=int, nargs=2, default=[64, 256])
+    p.add_argument("--memory-models", nargs="+", default=["small", "full"])
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     depth, size = (300, 512) if args.full else (32, 256)
     depth, size = args.depth or depth, args.size or size
     tmp = Path(tempfile.mkdtemp())
+    if args.memory:
+        size = args.size or 512
+        results = {"machine": machine(), "memory": output_memory(args.memory_depths, size, args.memory_models, tmp)}
+        print_memory(results)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return results
     volume_path = tmp / "bench.nrrd"
     make_volume(depth, size, volume_path)
     results = {"machine": machine(), "volume": f"{depth}x{size}x{size}", "cases": {}}
@@ -187,9 +260,6 @@ def main(argv=None):
         results["cases"][f"engine_{precision}"] = _in_subprocess(
             "case_engine", volume_path=str(volume_path), precision=precision, batch=args.batch_size,
             reprompt=True, preview=True)
-    if args.memory:
-        results["memory"] = memory_flatness(depth, size, results["cases"][f"engine_{args.precision[0]}"],
-                                            args.precision[0], args.batch_size, tmp)
     rows = ["| case | dtype | batch | s/slice | slices/s | s/volume | re-prompt s | preview s | preview s, prefetched "
             "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["cases"].items():
@@ -206,11 +276,6 @@ def main(argv=None):
             r["reprompt_speedup"] = r["seconds"] / r["reprompt_seconds"]
             rows.append(f"\n{name}: first pass {r.get('speedup_vs_naive', float('nan')):.1f}x the naive way (b/a); "
                         f"re-prompt {r['reprompt_speedup']:.1f}x faster than the first pass (b/c)")
-    if args.memory:
-        m = results["memory"]
-        rows.append(f"\nmemory: {m['depth']} -> {m['deeper']} slices: peak RSS +{m['added_mb']:.0f} MB, of which the "
-                    f"extra slices' own voxels + probabilities + masks {m['own_mb']:.0f} MB: {m['excess_mb']:+.0f} MB "
-                    "beyond them")
     print(f"Machine: {results['machine']}; volume {results['volume']}; full-size CLIPSeg, random weights\n")
     print("\n".join(rows))
     if args.json:

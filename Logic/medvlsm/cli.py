@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", "-o", required=True, help=".seg.nrrd (Slicer segmentation), .nii/.nii.gz/.nrrd/.mha "
                      "(labelmap: label i = i-th prompt), .png (2D inputs) or .dcm (DICOM SEG, for DICOM series inputs); "
                      "a cohort: a folder, one OUTPUT/<case><--format> per volume")
-    seg.add_argument("--probabilities", default=None, help="also write float32 probabilities (.nii.gz/.nrrd/.mha)")
+    seg.add_argument("--probabilities", default=None, help="also write the probabilities, x 255 as uint8 (0..255 for 0..1; "
+                     "threshold 0.5 = 127.5) (.nii.gz/.nrrd/.mha)")
     seg.add_argument("--overlay", default=None, help="also write a PNG montage of slices with the masks")
     seg.add_argument("--server", default=None, help="run on a `medvlsm serve` server (URL) instead of here; "
                      "--model then names one of its models")
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: stretch for 2D images (the paper), letterbox for volumes")
     ft.add_argument("--patience", type=int, default=20, help="early stopping on validation Dice (epochs)")
     ft.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (quick checks)")
+    ft.add_argument("--cpu-seconds", type=_positive_float, default=0.0,
+                    help="stop after the epoch in which training has used this much CPU time (compare models at "
+                         "an equal budget; default: no limit)")
     ft.add_argument("--seed", type=int, default=42)
     ft.add_argument("--limit", type=_positive_int, default=None,
                     help="use only the first N annotated images of each split (or N volumes): a quick try first")
@@ -716,7 +720,7 @@ def cmd_finetune(args):
                                   prompt_types=args.prompt_type, freeze=args.freeze, seed=args.seed,
                                   patience=args.patience, precision=args.precision,
                                   max_steps_per_epoch=args.max_steps_per_epoch, resize=resize, device=args.device,
-                                  resume=args.resume, **({} if args.negative_ratio is None else
+                                  resume=args.resume, cpu_seconds=args.cpu_seconds, **({} if args.negative_ratio is None else
                                                          {"negative_ratio": args.negative_ratio}))
     Path(args.output).mkdir(parents=True, exist_ok=True)
     bar = lines = None

@@ -2,8 +2,9 @@
 
 ``Client(url, token).segment(volume, request)`` uploads the volume once (the server keeps it, keyed
 by its fingerprint), sends the request, follows the progress, cancels on request, and returns a
-``RemoteResult``: the server's masks and labelmap at the request's threshold (the bytes a local run
-makes) and its probabilities as uint8 for re-thresholding, on the volume's own grid (checked).
+``SegmentationResult`` holding the server's uint8 probabilities on the volume's own grid (checked):
+the very bytes of the server's result, so masks and labelmaps cut here at any threshold are the
+server's (and a local run's) byte for byte.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import numpy as np
 
 from . import wire
 from .errors import Cancelled, InputError, MedVLSMError
-from .postprocess import PostProcess, threshold as cut
 from .result import SegmentationResult
 
 POLL_S = 0.05
@@ -42,31 +42,6 @@ def read_token(path) -> str | None:
 
 class ServerError(MedVLSMError):
     """The server refused or failed; the message is its one-line reason."""
-
-
-@dataclasses.dataclass
-class RemoteResult(SegmentationResult):
-    """A ``SegmentationResult`` from a server. ``probabilities`` are the server's uint8 / 255 (one
-    quantisation step, 1/255, from its float32); ``masks()`` at the request's own threshold and
-    post-processing are the server's masks, byte for byte; any other threshold re-cuts here."""
-
-    exact_masks: np.ndarray | None = None
-    exact_labelmap: np.ndarray | None = None
-
-    def _as_requested(self, threshold, post) -> bool:
-        return (threshold is None or threshold == self.threshold) and (post is None or post == self.request.post)
-
-    def masks(self, threshold: float | None = None, post: PostProcess | None = None) -> np.ndarray:
-        if self._as_requested(threshold, post):
-            return self.exact_masks.astype(bool)
-        masks = cut(self.probabilities, self.threshold if threshold is None else threshold)
-        post = self.request.post if post is None else post
-        return np.stack([post(m) for m in masks]) if post.active else masks
-
-    def labelmap(self, threshold: float | None = None, post: PostProcess | None = None, masks=None) -> np.ndarray:
-        if self._as_requested(threshold, post):
-            return self.exact_labelmap
-        return super().labelmap(threshold, post, masks)
 
 
 class Client:
@@ -116,7 +91,7 @@ class Client:
         body = json.dumps({"volume": key, "request": json.loads(request.to_json()), "model": model}).encode()
         return json.loads(self._call("POST", "/jobs", body)[1])["job"]
 
-    def segment(self, volume, request, model: str | None = None, *, progress=None, cancel=None) -> RemoteResult:
+    def segment(self, volume, request, model: str | None = None, *, progress=None, cancel=None) -> SegmentationResult:
         """Run ``request`` on ``volume`` there; ``progress(done, total)`` while it runs; ``cancel()``
         returning True cancels it there and raises ``Cancelled``."""
         job = self.start(volume, request, model)
@@ -136,23 +111,21 @@ class Client:
             raise ServerError(f"The server could not segment: {status['error']}", "See the message; fix and run again")
         return self._result(volume, request, job)
 
-    def _result(self, volume, request, job: str) -> RemoteResult:
-        layers = {}
-        values = int(np.prod(volume.shape)) * max(1, len(request.prompts))  # at most one layer per prompt
-        limits = wire.Limits(max_values=values, max_bytes=2 * values)  # uint8 layers, a uint16 labelmap at most
-        for kind in ("probabilities", "masks", "labelmap"):
-            grid, array, facts = wire.decode(self._call("GET", f"/jobs/{job}/{kind}")[1], limits,
-                                             source=f"The server's {kind}")
-            if not grid.same_grid(volume) or array.shape[-3:] != volume.shape:
-                raise ServerError("The server's result is not on the volume's grid", "Report this server")
-            layers[kind] = array
+    def _result(self, volume, request, job: str) -> SegmentationResult:
+        values = int(np.prod(volume.shape)) * max(1, len(request.prompts))  # one uint8 layer per prompt
+        grid, probabilities, facts = wire.decode(self._call("GET", f"/jobs/{job}/probabilities")[1],
+                                                 wire.Limits(max_values=values, max_bytes=values),
+                                                 source="The server's probabilities")
+        if (not grid.same_grid(volume) or probabilities.dtype != np.uint8
+                or probabilities.reshape(-1, *volume.shape).shape[0] != len(request.prompts)):
+            raise ServerError("The server's result is not one uint8 layer per prompt on the volume's grid",
+                              "Report this server")
         try:  # the server may free the result now; it forgets it after a while anyway
             self._call("DELETE", f"/jobs/{job}")
         except ServerError:
             pass
-        return RemoteResult(
-            grid=volume, request=request, probabilities=layers["probabilities"].astype(np.float32) / 255.0,
+        return SegmentationResult(
+            grid=volume, request=request, probabilities=probabilities.reshape(-1, *volume.shape),
             threshold=float(facts["threshold"]), model_name=facts["model"], trained=facts["trained"] == "True",
             device=f"{facts['device']} on {self.url}", dtype=facts["dtype"], seconds=float(facts["seconds"]),
-            warnings=json.loads(facts["warnings"]), from_cache=facts["from_cache"] == "True",
-            exact_masks=layers["masks"], exact_labelmap=layers["labelmap"])
+            warnings=json.loads(facts["warnings"]), from_cache=facts["from_cache"] == "True")

@@ -26,7 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import postprocess
 from .errors import Cancelled, InputError
+from .postprocess import LEVELS, quantise
 from .models.base import VLSM
 from .preprocess import Letterbox, to_model_input
 from .request import ALL_PLANES, Request, plan
@@ -261,7 +263,7 @@ class Engine:
             probabilities, from_cache = self._fused(volume, request, text, threshold, (progress, cancel))
             threshold = 0.5 if request.fusion == "majority" else threshold  # two of three planes
         else:
-            probabilities = np.zeros((len(prompts),) + volume.shape, np.float32)
+            probabilities = np.zeros((len(prompts),) + volume.shape, np.uint8)
             from_cache = self._one_plane(volume, request, text, probabilities, progress, cancel)
         if not spec.trained:
             warnings.append(f"{spec.name} has random (untrained) weights: the masks show the pipeline, not anatomy.")
@@ -285,7 +287,7 @@ class Engine:
         with torch.inference_mode(), self._autocast():
             for s, e, features in self._features(volume, request, fp, cancel):
                 logits = self.model.decode(features, text)
-                probs = torch.sigmoid(fp.box.restore(logits)).cpu().numpy()
+                probs = quantise(torch.sigmoid(fp.box.restore(logits).float())).cpu().numpy()
                 del features, logits  # free this batch's activations before the next one is encoded
                 for p in range(len(out)):
                     targets[p][s:e] = probs[:, p]
@@ -295,10 +297,11 @@ class Engine:
 
     def _fused(self, volume, request: Request, text, threshold: float, callbacks) -> tuple[np.ndarray, bool]:
         """Each plane in turn (its own feature cache), fused on the volume's grid as ``request.fusion``
-        says; two arrays of ``[P, K, J, I]`` at a time."""
+        says, into uint8 probabilities; two arrays of ``[P, K, J, I]`` at a time (the mean sums in uint16)."""
         progress, cancel = callbacks
-        fused = np.zeros((len(request.prompts),) + volume.shape, np.float32)
-        plane_out = np.empty_like(fused)
+        shape = (len(request.prompts),) + volume.shape
+        fused = np.zeros(shape, np.uint16 if request.fusion == "mean" else np.uint8)
+        plane_out = np.empty(shape, np.uint8)
         done, all_cached = 0, True
         for plane in PLANES:
             count = SliceView(volume, plane).num_slices
@@ -308,10 +311,14 @@ class Engine:
             if request.fusion == "max":
                 np.maximum(fused, plane_out, out=fused)
             elif request.fusion == "majority":
-                fused += plane_out > threshold
+                fused += postprocess.threshold(plane_out, threshold)
             else:
                 fused += plane_out
             done += count
-        if request.fusion != "max":
-            fused /= len(PLANES)
+        if request.fusion == "majority":  # votes 0..3 -> 0, 85, 170, 255: the fraction of planes, x 255
+            fused *= LEVELS // len(PLANES)
+        elif request.fusion == "mean":  # rounded, in place: no float or second uint16 copy
+            fused += len(PLANES) // 2
+            fused //= len(PLANES)
+            fused = fused.astype(np.uint8)
         return fused, all_cached

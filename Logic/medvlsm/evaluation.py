@@ -139,10 +139,13 @@ def _model_resolution(prob: np.ndarray, truth: np.ndarray, size: int, threshold:
 
 
 def _run(engine, item: AnnotatedImage, image, prompt: str, options: dict):
-    """One prompt on one image -> (probabilities ``[J, I]``, threshold): one request, planned once."""
+    """One prompt on one image -> (float probabilities ``[J, I]``, threshold): one request, planned once.
+    (``prob > threshold`` is the result's own mask: the uint8 levels / 255 cut as ``masks()`` cuts them.)"""
+    from .postprocess import LEVELS
+
     request = plan(image, [prompt], cache_key=str(item.image), **options)
     result = engine.segment(image, request)
-    return result.probabilities[0, 0], result.threshold
+    return result.probabilities[0, 0].astype(np.float32) / LEVELS, result.threshold
 
 
 def evaluate_model(engine, items: list[AnnotatedImage], prompt_types, *, nsd_tolerance_mm: float = 2.0,

@@ -311,7 +311,7 @@ def write_labelmap(volume: Volume, labels: np.ndarray, path, note: str = "") -> 
     """``labels [K, J, I]`` (0 = background, i = i-th prompt) on ``volume``'s grid -> file.
     ``note`` (e.g. that the weights were untrained) goes into the file's description field."""
     ext = extension(path)
-    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16, copy=False)
     image = (_sitk().GetImageFromArray((labels[0] > 0).astype(np.uint8) * 255) if ext == ".png"
              else volume_to_sitk(volume, labels))
     _write_sitk(image, path, note)
@@ -345,16 +345,34 @@ def _set_nifti_descrip(path: Path, note: str) -> None:
     """ITK's NIfTI writer leaves ``descrip`` (80 bytes at offset 148 of a NIfTI-1 header) empty."""
     import gzip
 
-    gz = str(path).lower().endswith(".gz")
-    raw = bytearray(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
-    raw[148:228] = note.encode("ascii", "replace")[:79].ljust(80, b"\0")
-    path.write_bytes(gzip.compress(bytes(raw), compresslevel=1) if gz else bytes(raw))
+    import shutil
+
+    descrip = note.encode("ascii", "replace")[:79].ljust(80, b"\0")
+    if not str(path).lower().endswith(".gz"):
+        with open(path, "r+b") as f:
+            f.seek(148)
+            f.write(descrip)
+        return
+    patched = path.with_name(path.name + ".descrip")  # streamed: never the whole image in memory
+    with gzip.open(path, "rb") as src, gzip.open(patched, "wb", compresslevel=1) as dst:
+        header = bytearray(src.read(348))
+        header[148:228] = descrip
+        dst.write(header)
+        shutil.copyfileobj(src, dst, 1 << 20)
+    patched.replace(path)
 
 
 def write_probabilities(volume: Volume, probabilities: np.ndarray, path, note: str = "") -> None:
-    """``probabilities [P, K, J, I]`` -> float32 file; several prompts become vector components."""
-    probabilities = probabilities.astype(np.float32, copy=False)
+    """uint8 ``probabilities [P, K, J, I]`` (x 255, the result's own) -> a uint8 file, 0..255 for 0..1;
+    several prompts become vector components."""
+    note = "; ".join(n for n in (note, "probability x 255 (uint8)") if n)  # the untrained warning first
     array = probabilities[0] if len(probabilities) == 1 else np.moveaxis(probabilities, 0, -1)
+    if extension(path) == ".nrrd":  # written slab by slab: no interleaved copy of every prompt
+        from .wire import grid_header, write_nrrd
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            write_nrrd(f, array, {**grid_header(volume, array), "descrip": note})
+        return
     _write_sitk(volume_to_sitk(volume, array, vector=len(probabilities) > 1), path, note)
 
 
@@ -428,26 +446,35 @@ class Segmentation:
     grid: Volume
 
 
+def _overlapping(masks: np.ndarray) -> bool:
+    """Whether any voxel is in two masks (a byte per voxel, not an int64 sum)."""
+    if len(masks) < 2:
+        return False
+    seen = masks[0].copy()
+    for m in masks[1:]:
+        if np.logical_and(seen, m).any():
+            return True
+        seen |= m
+    return False
+
+
 def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None, note: str = "") -> None:
     """Write masks ``[S, K, J, I]`` as a Slicer ``.seg.nrrd``, one segment per mask.
 
     Non-overlapping masks share one layer (a plain labelmap other tools read too); overlapping
     masks get one layer each, as Slicer itself writes them.
     """
-    import nrrd
-
     masks = np.asarray(masks, dtype=bool)
     count, utf8 = len(masks), {}
     from .vocabulary import lookup
 
     structures = [lookup(name) for name in names]  # one vocabulary for every output (Slicer, DICOM SEG, here)
     colors = list(colors or [s.color if s else PALETTE[i % len(PALETTE)] for i, s in enumerate(structures)])
-    overlapping, seen = False, np.zeros(masks.shape[1:], bool)  # 1 byte per voxel, not an int64 sum
-    for m in masks if count > 1 else ():
-        overlapping = overlapping or bool(np.logical_and(seen, m).any())
-        seen |= m
+    overlapping = _overlapping(masks)
     if overlapping:
-        data = np.moveaxis(masks.astype(np.uint8), 0, -1)  # [K, J, I, S]: list axis fastest
+        data = np.moveaxis(masks.view(np.uint8), 0, -1)  # [K, J, I, S]: list axis fastest
+    elif count == 1:
+        data = masks[0].view(np.uint8)  # the mask's own bytes: 0/1 is the one segment's label
     else:
         data = np.zeros(volume.shape, np.uint8)
         for s in range(count):
@@ -488,7 +515,10 @@ def write_seg_nrrd(volume: Volume, masks: np.ndarray, names, path, colors=None, 
                 f"TerminologyEntry:{structures[s].slicer_terminology()}|" if structures[s] else ""),
         })
     with atomic_path(path) as tmp:  # gzip level 9 is up to 300x slower on noisy masks
-        nrrd.write(str(tmp), data, header, index_order="C", compression_level=1)
+        from .wire import write_nrrd
+
+        with open(tmp, "wb") as f:
+            write_nrrd(f, data, header)
         if utf8:
             _put_utf8_names(tmp, utf8)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import io
 from .errors import InputError
 from .request import ALL_PLANES
@@ -18,7 +20,7 @@ from .volume import default_plane
 @dataclass(frozen=True)
 class Outputs:
     """``files``: mask files (.seg.nrrd, a labelmap .nii/.nii.gz/.nrrd/.mha, .png for 2D inputs, .dcm
-    DICOM SEG for DICOM inputs); ``probabilities``: float32 probabilities; ``overlay``: a PNG montage."""
+    DICOM SEG for DICOM inputs); ``probabilities``: the probabilities, x 255 as uint8; ``overlay``: a PNG montage."""
 
     files: tuple
     probabilities: Path | None = None
@@ -60,8 +62,18 @@ class Outputs:
                              "Check the folder (disk, permissions), then run again") from e
 
     def _write(self, volume, result):
-        masks = result.masks()
+        """In the order that holds the fewest bytes per voxel: the probabilities file, the labelmap (one
+        mask at a time), then the masks cut into the probabilities' own buffer (``release_masks``: the
+        run ends here) for the other files. One prompt: its labelmap is its mask's own bytes."""
         note = "" if result.trained else f"UNTRAINED WEIGHTS ({result.model_name}): pipeline check, not a segmentation"
+        if self.probabilities:
+            io.written(self.probabilities, io.write_probabilities, volume, result.probabilities, self.probabilities,
+                       note)
+        labelled = [o for o in self.files if io.extension(o) not in (".seg.nrrd", ".dcm")]
+        labels = result.labelmap() if labelled and len(result.prompts) > 1 else None
+        masks = result.release_masks()
+        if labelled and labels is None:
+            labels = masks[0].view(np.uint8)
         for output in self.files:
             ext = io.extension(output)
             if ext == ".seg.nrrd":
@@ -69,10 +81,7 @@ class Outputs:
             elif ext == ".dcm":
                 io.written(output, io.write_dicom_seg, volume, masks, result.prompts, output, result.model_name, note)
             else:
-                io.written(output, io.write_labelmap, volume, result.labelmap(masks=masks), output, note)
-        if self.probabilities:
-            io.written(self.probabilities, io.write_probabilities, volume, result.probabilities, self.probabilities,
-                       note)
+                io.written(output, io.write_labelmap, volume, labels, output, note)
         if self.overlay:
             from .overlay import OverlayStyle, save_overlay
 

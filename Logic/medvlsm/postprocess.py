@@ -44,29 +44,58 @@ class PostProcess:
         return mask
 
 
+LEVELS = 255  # a probability is kept as round(p x 255) in a uint8: one step is 1/255
+
+
+def quantise(probabilities):
+    """Float probabilities in [0, 1] (numpy or torch) -> uint8 ``round(p x 255)``."""
+    scaled = probabilities * LEVELS
+    if isinstance(scaled, np.ndarray):
+        return np.rint(scaled).astype(np.uint8)
+    import torch
+
+    return scaled.round().to(torch.uint8)
+
+
 def threshold(probabilities: np.ndarray, value: float) -> np.ndarray:
-    """``[..., K, J, I]`` float -> bool, strictly above ``value``."""
+    """``[..., K, J, I]`` probabilities (uint8 x 255, or float) -> bool, strictly above ``value``. On uint8
+    the mask is the float mask except where the probability lies within half a step (1/510) of ``value``."""
+    if probabilities.dtype == np.uint8:
+        return probabilities > value * LEVELS
     return probabilities > value
 
 
-def labelmap(masks: np.ndarray, probabilities: np.ndarray | None = None) -> np.ndarray:
+SLAB = 8  # slices updated at a time: the labelmap's temporaries are a slab, not a volume
+
+
+def labelmap(masks, probabilities: np.ndarray | None = None) -> np.ndarray:
     """Binary masks ``[P, K, J, I]`` -> labels ``[K, J, I]`` (0 = none, i + 1 = prompt i).
 
-    Where masks overlap, the prompt with the highest probability wins (the later prompt when
-    no probabilities are given).
+    ``masks``: an array, or any sequence whose ``masks[p]`` makes prompt p's mask when asked (so only
+    one exists at a time). Where masks overlap, the prompt with the highest probability wins (the
+    later prompt when no probabilities are given).
     """
-    labels = np.zeros(masks.shape[1:], np.uint16 if len(masks) > 255 else np.uint8)
-    if probabilities is None or len(masks) == 1:
-        for p, m in enumerate(masks):
-            labels[m] = p + 1
+    count = len(masks)
+    first = masks[0]
+    labels = np.zeros(first.shape, np.uint16 if count > 255 else np.uint8)
+    if probabilities is None or count == 1:
+        for p in range(count):
+            labels[first if p == 0 else masks[p]] = p + 1
         return labels
-    # A running maximum instead of np.where + argmax: ~7 bytes per voxel at the peak (the maximum in
-    # the probabilities' dtype, the labels, two boolean temporaries), not 24-28 (a float copy of every
-    # prompt and an int64 index). Strict ">" keeps argmax's rule: on a tie the earlier prompt wins.
-    best = np.full(masks.shape[1:], -1.0, probabilities.dtype)
-    for p, m in enumerate(masks):
-        better = np.greater(probabilities[p], best)
-        better &= m
-        labels[better] = p + 1
-        np.copyto(best, probabilities[p], where=better)
+    # Beside the labels, one mask and slab-sized temporaries: the probability of each voxel's current
+    # label is looked up per slab, not kept as a volume. Strict ">" keeps argmax's rule: on a tie the
+    # earlier prompt wins; an unlabelled voxel of a mask takes the label whatever its probability
+    # (filled holes may hold 0).
+    for p in range(count):
+        m = first if p == 0 else masks[p]
+        for k in range(0, labels.shape[0], SLAB):
+            lab, inside = labels[k : k + SLAB], m[k : k + SLAB]
+            current = np.zeros(lab.shape, probabilities.dtype)  # the probability of each voxel's label so far
+            for earlier in range(p):
+                np.copyto(current, probabilities[earlier, k : k + SLAB], where=lab == earlier + 1)
+            better = np.greater(probabilities[p, k : k + SLAB], current)
+            better |= lab == 0
+            better &= inside
+            lab[better] = p + 1
+        del m
     return labels

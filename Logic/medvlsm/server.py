@@ -450,15 +450,15 @@ RESULT_KINDS = ("probabilities", "masks", "labelmap")
 
 
 def result_layers(job: ServerJob, kind: str) -> bytes:
-    """The job's probabilities (uint8, x 255), masks (0/1) or labelmap (overlaps resolved on the
-    float32 probabilities) as NRRD bytes with the run's facts."""
+    """The job's probabilities (the result's own uint8, x 255), masks (0/1) or labelmap as NRRD bytes
+    with the run's facts."""
     result = job.result
     if kind == "masks":
         layers = result.masks().astype(np.uint8)
     elif kind == "labelmap":
         layers = result.labelmap()
     else:
-        layers = np.rint(result.probabilities * 255.0).astype(np.uint8)
+        layers = result.probabilities
     facts = {"prompts": json.dumps(result.prompts), "threshold": repr(result.threshold),
              "model": result.model_name, "trained": str(result.trained), "device": result.device,
              "dtype": result.dtype, "seconds": f"{result.seconds:.6f}", "warnings": json.dumps(result.warnings),

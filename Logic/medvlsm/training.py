@@ -84,6 +84,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False  # continue from OUTPUT/checkpoint/last.pt
     negative_ratio: float = NEGATIVE_RATIO  # wrong prompts with empty targets per image (negatives.py); 0: none
+    cpu_seconds: float = 0.0  # stop after the epoch that spends this much process CPU time (same-budget comparisons)
 
 
 def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "stretch", window="auto") -> Sample:
@@ -387,7 +388,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     if rank == 0:
         (output / "checkpoint").mkdir(parents=True, exist_ok=True)
     feed = _Feed(config, model.tokenize, device, negatives)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         rng = random.Random(config.seed * 1000 + epoch * 10 + rank)
         order = local[:]
@@ -438,8 +439,14 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
             if rank == 0:
                 log.info("Early stop: no better validation Dice for %d epochs", config.patience)
             break
+        if config.cpu_seconds and time.process_time() - cpu_started >= config.cpu_seconds:
+            if rank == 0:
+                log.info("Stopped: %.0f CPU-seconds spent (--cpu-seconds %g)", time.process_time() - cpu_started,
+                         config.cpu_seconds)
+            break
     summary = {"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
                "steps_per_epoch": steps_per_epoch, "world_size": world, "seconds": time.perf_counter() - started,
+               "cpu_seconds": time.process_time() - cpu_started,
                "train_samples": len(train), "val_samples": len(val), "base_model": base_name}
     if rank == 0:
         write_model_card(output, model, config, summary)
@@ -520,6 +527,7 @@ def write_model_card(output: Path, model, config: TrainConfig, summary: dict) ->
         f"| negative prompts per image | {config.negative_ratio:g}"
         f"{' (wrong prompts trained to an empty mask)' if config.negative_ratio else ''} |",
         f"| epochs run (best) | {summary['epochs']} ({summary['best_epoch']}) |",
+        f"| training time | {summary['seconds']:.0f} s, {summary['cpu_seconds']:.0f} CPU-seconds |",
         f"| best validation Dice | {summary['best_val_dice']:.4f} |",
         f"| batch size, lr, weight decay | {config.batch_size}, {config.lr:g}, {config.weight_decay:g} |",
         f"| frozen | {config.freeze} |",

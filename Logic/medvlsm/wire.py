@@ -56,9 +56,14 @@ class Limits:
 def encode(grid: Volume, array: np.ndarray | None = None, fields: dict | None = None) -> bytes:
     """An array on ``grid`` as gzip NRRD bytes with the grid's geometry (LPS): ``[K, J, I]``, an RGB
     ``[K, J, I, C]`` or layers ``[L, K, J, I]``; ``fields``: extra text fields (``MedVLSM_*``)."""
-    import nrrd
+    array = grid.array if array is None else array
+    out = stdio.BytesIO()
+    write_nrrd(out, array, grid_header(grid, array, fields))
+    return out.getvalue()
 
-    array = grid.array if array is None else np.ascontiguousarray(array)
+
+def grid_header(grid: Volume, array: np.ndarray, fields: dict | None = None) -> dict:
+    """The NRRD header of ``array`` on ``grid`` (LPS; the axes as ``encode`` describes them)."""
     directions = (grid.direction @ np.diag(grid.spacing)).T  # rows: i, j, k steps in LPS mm
     layers = array.ndim == 4 and array.shape[1:] == grid.shape
     header = {"space": "left-posterior-superior", "space origin": np.asarray(grid.origin, float),
@@ -69,9 +74,23 @@ def encode(grid: Volume, array: np.ndarray | None = None, fields: dict | None = 
         header.update(kinds=["domain"] * 3 + ["list"], **{"space directions": np.vstack([directions, np.full(3, np.nan)])})
     else:
         header.update(kinds=["vector"] + ["domain"] * 3, **{"space directions": np.vstack([np.full(3, np.nan), directions])})
-    out = stdio.BytesIO()
-    nrrd.write(out, array, header, index_order="C", compression_level=1)
-    return out.getvalue()
+    return header
+
+
+def write_nrrd(file, array: np.ndarray, header: dict, level: int = 1) -> None:
+    """``array`` (C order) with ``header`` as gzip NRRD into the open binary ``file``, compressed slab by
+    slab: beside the compressed bytes, a slab's copy at most (pynrrd's ``write`` copies the whole array
+    with ``tobytes`` first). The header is pynrrd's own (its field formatting and order)."""
+    from nrrd import writer
+
+    header = writer._handle_header(array, {**header, "encoding": "gzip"}, "C")
+    writer._write_header(file, header)
+    deflate = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    step = max(1, (8 << 20) // max(1, array[0].nbytes)) if array.ndim else 1
+    for start in range(0, len(array), step):
+        slab = np.ascontiguousarray(array[start : start + step])  # a view when the array is C-contiguous
+        file.write(deflate.compress(memoryview(slab).cast("B")))
+    file.write(deflate.flush())
 
 
 def _refuse(source: str, problem: str) -> InputError:

@@ -47,6 +47,7 @@ class PanelController:
         self.prefetch_job = None
         self._prefetched = None
         self._showing = False
+        self._default_placeholder = None
         self.timer = qt_compat.timer(POLL_MS, self.poll)
         self._fill_models(registry_names)
         self.refresh_nodes()
@@ -214,6 +215,21 @@ class PanelController:
             folder = self.ask_folder()
             if folder:
                 self.add_model_folder(str(folder))
+            return  # adding the folder selected it: this slot ran again for it
+        self._show_model_reads_text()
+
+    def _show_model_reads_text(self) -> None:
+        """An image-only model (the UNet baseline) ignores the prompt box: the box and the status say so."""
+        from medvlsm.models import reads_text
+
+        edit = self.w("promptsEdit")
+        if self._default_placeholder is None:
+            self._default_placeholder = edit.property("placeholderText")
+        if reads_text(self._combo_text("modelCombo")):
+            edit.setPlaceholderText(self._default_placeholder)
+            return
+        edit.setPlaceholderText(IMAGE_ONLY_NOTE)
+        self.status(IMAGE_ONLY_NOTE)
 
     def device_changed(self, *_):
         self.w("deviceWarningLabel").setText(device_warning(self._combo_text("deviceCombo")))
@@ -311,9 +327,10 @@ class PanelController:
         result = self.session.last_result
         self._show_history()
         self._set_threshold_slider(result)
-        counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels"
-                           for p, m in zip(result.prompts, self.session.preview.masks))
-        warnings = " ".join(result.warnings)
+        masks = self.session.preview.masks
+        counts = ", ".join(f"{p or '(empty)'}: {int(m.sum())} voxels" for p, m in zip(result.prompts, masks))
+        nothing = [p for p, m in zip(result.prompts, masks) if not m.any()]
+        warnings = " ".join(result.warnings + ([nothing_found(nothing)] if nothing else []))
         cached = " (cached image features: decoder only)" if result.from_cache else ""
         self.status(f"Preview - {counts}. {result.seconds:.1f} s on {result.device}{cached}. "
                     f"Apply or Discard. {warnings}".strip())
@@ -402,6 +419,17 @@ class PanelController:
         self.status(f"Exported {segmentation.GetName()} to {path}.")
 
 
+IMAGE_ONLY_NOTE = ("This model is image-only (a UNet baseline): it ignores the text; any line here gives the same "
+                   "mask, named after the line.")
+
+
+def nothing_found(prompts) -> str:
+    """The line for prompts whose preview is empty: the model did not recognise them in these slices."""
+    names = ", ".join(repr(p) for p in prompts)
+    return (f"Nothing found for {names}: the model does not recognise it in these slices (an empty preview, "
+            "not a guess). Check the structure is in view, or rephrase the prompt.")
+
+
 def device_warning(choice: str) -> str:
     """A one-line warning about the chosen device (empty when all is well)."""
     try:
@@ -418,4 +446,4 @@ def device_warning(choice: str) -> str:
     return "Runs on the CPU: a whole volume takes minutes; 'current slice' is quick." if choice == "auto" else ""
 
 
-__all__ = ["PanelController", "SCOPES", "ui_file", "device_warning"]
+__all__ = ["IMAGE_ONLY_NOTE", "PanelController", "SCOPES", "ui_file", "device_warning", "nothing_found"]

@@ -22,7 +22,7 @@ from .folder import check_folder, folder_spec
 from .spec import SPEC_FILE, ModelSpec
 
 __all__ = ["ARCHITECTURES", "Architecture", "ModelSpec", "architecture", "check_folder", "default_model_name",
-           "fetch", "load_model", "register", "registry"]
+           "fetch", "load_model", "reads_text", "register", "registry"]
 
 log = logging.getLogger("medvlsm")
 
@@ -34,6 +34,18 @@ def _registry_json() -> dict:
 def registry() -> dict[str, ModelSpec]:
     """Registry name -> spec; an entry records only where it differs from its architecture's defaults."""
     return {m["name"]: architecture(m["arch"]).spec(**m) for m in _registry_json()["models"]}
+
+
+def reads_text(name_or_path: str) -> bool:
+    """Whether a registry model or model folder reads the prompt (False: an image-only baseline), without
+    loading it; an unknown name or unreadable folder counts as reading text (loading it will say why)."""
+    specs = registry()
+    if name_or_path in specs:
+        return architecture(specs[name_or_path].arch).reads_text
+    try:
+        return architecture(folder_spec(Path(name_or_path).expanduser()).arch).reads_text
+    except ModelError:
+        return True
 
 
 def default_model_name() -> str:
