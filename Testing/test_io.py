@@ -35,14 +35,21 @@ def test_labelmap_round_trip(tmp_path, oblique_volume, ext):
     np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))), expected[:3], atol=1e-3)
 
 
-def test_probabilities_one_component_per_prompt(tmp_path, oblique_volume):
-    probs = np.random.default_rng(0).integers(0, 256, (2,) + oblique_volume.shape, dtype=np.uint8)
-    io.write_probabilities(oblique_volume, probs, tmp_path / "p.nrrd")
-    image = sitk.ReadImage(str(tmp_path / "p.nrrd"))
-    assert image.GetNumberOfComponentsPerPixel() == 2 and image.GetPixelID() == sitk.sitkVectorUInt8
-    assert "probability x 255" in image.GetMetaData("descrip")
-    np.testing.assert_array_equal(np.moveaxis(sitk.GetArrayFromImage(image), -1, 0), probs)
+@pytest.mark.parametrize("ext", [".nrrd", ".nii.gz", ".nii", ".mha"])
+@pytest.mark.parametrize("prompts", [1, 2])
+def test_probabilities_one_component_per_prompt(tmp_path, oblique_volume, ext, prompts):
+    """uint8 probabilities x 255, one component per prompt; NRRD and NIfTI are written as streams by our
+    own code, so each is read back against SimpleITK's own writing of the same image."""
+    probs = np.random.default_rng(0).integers(0, 256, (prompts,) + oblique_volume.shape, dtype=np.uint8)
+    io.write_probabilities(oblique_volume, probs, tmp_path / f"p{ext}", "UNTRAINED WEIGHTS (x)")
+    image = sitk.ReadImage(str(tmp_path / f"p{ext}"))
+    assert image.GetNumberOfComponentsPerPixel() == prompts
+    assert image.GetPixelID() == (sitk.sitkVectorUInt8 if prompts > 1 else sitk.sitkUInt8)
+    array = sitk.GetArrayFromImage(image)
+    np.testing.assert_array_equal(np.moveaxis(array, -1, 0) if prompts > 1 else array[None], probs)
     assert_same_geometry(image, oblique_volume)
+    if ext != ".mha":
+        assert image.GetMetaData("descrip").startswith("UNTRAINED WEIGHTS (x); probability x 255")
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["shared-layer", "one-layer-per-segment"])

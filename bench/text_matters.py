@@ -42,6 +42,7 @@ VARIANTS = {  # name -> finetune arguments
     "CLIPSeg small, no negatives": ["--model", "{small}", "--negative-ratio", "0"],
     "CLIPSeg small, negatives 0.25": ["--model", "{small}", "--negative-ratio", "0.25"],
     "UNet small (image only)": ["--arch", "unet", "--size", "small"],
+    "UNet small, input 176 (image only)": ["--model", "{unet176}"],  # 4x fewer pixels: more epochs per CPU-second
 }
 
 
@@ -68,11 +69,11 @@ def synthetic_task(work: Path) -> dict:
             "score": ["p3"]}
 
 
-def train(task: dict, variant: list, output: Path, budget: float, small: Path) -> dict:
+def train(task: dict, variant: list, output: Path, budget: float, starts: dict) -> dict:
     argv = [sys.executable, "-m", "medvlsm.cli", "finetune", "--train", str(task["train"]), "--val", str(task["val"]),
             "--images", str(task["images"]), "--masks", str(task["masks"]), "--output", str(output),
             "--prompt-type", *task["prompt_type"], "--epochs", "1000", "--patience", "1000",
-            "--cpu-seconds", str(budget), *[a.format(small=small) for a in variant]]
+            "--cpu-seconds", str(budget), *[a.format(**starts) for a in variant]]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -121,29 +122,38 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=900.0, help="CPU-seconds of training per model (cvc)")
     p.add_argument("--synthetic-budget", type=float, default=150.0, help="CPU-seconds per model (synthetic)")
     p.add_argument("--work", default=None)
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                   help="run these variants only and merge them into the existing results file")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "text_matters"))
     args = p.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="medvlsm-text-"))
     from medvlsm.cli import main as medvlsm
 
-    small = work / "clipseg-small"
-    if not small.is_dir():
-        assert medvlsm(["init", "--size", "small", "--output", str(small)]) == 0
+    starts = {"small": work / "clipseg-small", "unet176": work / "unet-small-176"}
+    if not starts["small"].is_dir():
+        assert medvlsm(["init", "--size", "small", "--output", str(starts["small"])]) == 0
+    if not starts["unet176"].is_dir():
+        assert medvlsm(["init", "--arch", "unet", "--size", "small", "--input-size", "176", "--output",
+                        str(starts["unet176"])]) == 0
     tasks = {"synthetic": (synthetic_task, args.synthetic_budget), "cvc": (cvc_task, args.budget)}
     wanted = list(tasks) if args.task == "both" else [args.task]
     from bench_engine import machine
 
     results = {"machine": machine(), "tasks": {}}
+    if args.only and Path(args.out + ".json").is_file():
+        results = json.loads(Path(args.out + ".json").read_text(encoding="utf-8"))
     for name in wanted:
         make, budget = tasks[name]
         folder = work / name
         folder.mkdir(exist_ok=True)
         task = make(folder)
-        rows = results["tasks"][f"{name} (budget {budget:g} CPU-s)"] = {}
+        rows = results["tasks"].setdefault(f"{name} (budget {budget:g} CPU-s)", {})
         for variant, extra in VARIANTS.items():
+            if args.only and variant not in args.only:
+                continue
             output = folder / variant.split(",")[0].split()[0].lower() / variant.replace(" ", "_").replace(",", "")
             print(f"{name}: training {variant} ...", flush=True)
-            rows[variant] = {**train(task, extra, output, budget, small), **score(task, output)}
+            rows[variant] = {**train(task, extra, output, budget, starts), **score(task, output)}
             print(f"  {rows[variant]}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(results, indent=2), encoding="utf-8")

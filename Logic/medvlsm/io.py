@@ -367,13 +367,51 @@ def write_probabilities(volume: Volume, probabilities: np.ndarray, path, note: s
     several prompts become vector components."""
     note = "; ".join(n for n in (note, "probability x 255 (uint8)") if n)  # the untrained warning first
     array = probabilities[0] if len(probabilities) == 1 else np.moveaxis(probabilities, 0, -1)
-    if extension(path) == ".nrrd":  # written slab by slab: no interleaved copy of every prompt
+    ext = extension(path)
+    if ext == ".nrrd":  # written slab by slab: no interleaved copy of every prompt
         from .wire import grid_header, write_nrrd
 
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             write_nrrd(f, array, {**grid_header(volume, array), "descrip": note})
         return
+    if ext in (".nii", ".nii.gz"):
+        _write_nifti_layers(volume, probabilities, path, note)
+        return
     _write_sitk(volume_to_sitk(volume, array, vector=len(probabilities) > 1), path, note)
+
+
+def _write_nifti_layers(volume: Volume, layers: np.ndarray, path, note: str) -> None:
+    """uint8 ``layers [P, K, J, I]`` as a NIfTI-1 file, written as a stream: a NIfTI vector image keeps
+    its components as the slowest axis, so the file's data is the layers' own bytes in order (SimpleITK
+    would need an interleaved copy of every layer first). The header is ITK's, for a 1 x 1 x 1 image of
+    the same geometry and components, with the sizes then set: the geometry is written by the same
+    code as every other NIfTI this project writes."""
+    import gzip
+    import struct
+    import tempfile
+
+    sitk = _sitk()
+    count = len(layers)
+    tiny = sitk.Image([1, 1, 1], sitk.sitkVectorUInt8 if count > 1 else sitk.sitkUInt8, *([count] if count > 1 else []))
+    tiny.SetSpacing(volume.spacing)
+    tiny.SetOrigin(volume.origin)
+    tiny.SetDirection(volume.direction.ravel().tolist())
+    with tempfile.TemporaryDirectory() as scratch:
+        template = Path(scratch) / "header.nii"
+        sitk.WriteImage(tiny, str(template))
+        raw = template.read_bytes()
+    offset = int(struct.unpack_from("<f", raw, 108)[0])  # vox_offset
+    header = bytearray(raw[:offset])
+    struct.pack_into("<3h", header, 42, volume.shape[2], volume.shape[1], volume.shape[0])  # dim[1..3]: i, j, k
+    header[148:228] = note.encode("ascii", "replace")[:79].ljust(80, b"\0")
+    with atomic_path(path) as tmp:
+        opener = gzip.open(tmp, "wb", compresslevel=1) if str(path).lower().endswith(".gz") else open(tmp, "wb")
+        with opener as f:
+            f.write(header)
+            for layer in layers:
+                for k in range(0, layer.shape[0], 16):
+                    f.write(memoryview(np.ascontiguousarray(layer[k : k + 16])).cast("B"))
+        _verify_written(tmp)
 
 
 # ---- DICOM SEG (highdicom) ---------------------------------------------------------------------

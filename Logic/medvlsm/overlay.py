@@ -11,10 +11,13 @@ from .window import choose_window
 from .volume import SliceView
 
 
-def pick_slices(masks_view: np.ndarray, count: int) -> list[int]:
-    """Up to ``count`` slice indices, spread over the slices that hold a mask (else over all)."""
-    n = masks_view.shape[1]
-    hit = np.flatnonzero(masks_view.reshape(masks_view.shape[0], n, -1).any(axis=(0, 2)))
+def pick_slices(masks_views, count: int, n: int) -> list[int]:
+    """Up to ``count`` of ``n`` slice indices, spread over the slices that hold a mask (else over all);
+    ``masks_views``: each mask in the plane's slice order (views: no copy of any mask is made)."""
+    held = np.zeros(n, bool)
+    for m in masks_views:
+        held |= m.any(axis=tuple(range(1, m.ndim)))
+    hit = np.flatnonzero(held)
     pool = hit if len(hit) else np.arange(n)
     idx = np.linspace(0, len(pool) - 1, min(count, len(pool))).round().astype(int)
     return sorted(set(int(pool[i]) for i in idx))
@@ -44,13 +47,13 @@ def save_overlay(volume, masks: np.ndarray, names, path, style: OverlayStyle = O
     plane, title = style.plane, style.title
     view = SliceView(volume, plane)
     image = view.view(volume.array)
-    masks_view = np.stack([view.view(m) for m in masks]) if len(masks) else np.zeros((0,) + image.shape[:3], bool)
+    masks_view = [view.view(m) for m in masks]
     intensity = choose_window(volume, style.window)
     from .vocabulary import lookup
 
     structures = [lookup(name) for name in names]  # the colours of the .seg.nrrd and of Slicer
     colors = list(style.colors or [s.color if s else PALETTE[i % len(PALETTE)] for i, s in enumerate(structures)])
-    chosen = pick_slices(masks_view, style.count)
+    chosen = pick_slices(masks_view, style.count, view.num_slices)
     cols = min(3, len(chosen))
     rows = int(np.ceil(len(chosen) / cols))
     aspect = view.pixel_spacing[0] / view.pixel_spacing[1]
@@ -62,7 +65,7 @@ def save_overlay(volume, masks: np.ndarray, names, path, style: OverlayStyle = O
         img = np.clip((image[s].astype(np.float32) - intensity.low) / (intensity.high - intensity.low), 0, 1)
         ax.imshow(img, cmap=None if img.ndim == 3 else "gray", aspect=aspect, interpolation="nearest")
         for p in range(len(masks_view)):
-            m = masks_view[p, s]
+            m = masks_view[p][s]
             if m.any():
                 ax.imshow(np.ma.masked_where(~m, m), cmap=ListedColormap([colors[p]]), alpha=0.45,
                           aspect=aspect, interpolation="nearest")

@@ -76,18 +76,23 @@ def labelmap(masks, probabilities: np.ndarray | None = None) -> np.ndarray:
     later prompt when no probabilities are given).
     """
     count = len(masks)
-    first = masks[0]
-    labels = np.zeros(first.shape, np.uint16 if count > 255 else np.uint8)
+    if count == 0:
+        return np.zeros(np.shape(masks)[1:], np.uint8)
     if probabilities is None or count == 1:
+        labels = None
         for p in range(count):
-            labels[first if p == 0 else masks[p]] = p + 1
+            m = masks[p]
+            if labels is None:
+                labels = np.zeros(m.shape, np.uint16 if count > 255 else np.uint8)
+            labels[m] = p + 1
         return labels
-    # Beside the labels, one mask and slab-sized temporaries: the probability of each voxel's current
-    # label is looked up per slab, not kept as a volume. Strict ">" keeps argmax's rule: on a tie the
-    # earlier prompt wins; an unlabelled voxel of a mask takes the label whatever its probability
-    # (filled holes may hold 0).
+    labels = np.zeros(probabilities.shape[1:], np.uint16 if count > 255 else np.uint8)
+    # Beside the labels, one mask at a time and slab-sized temporaries: the probability of each voxel's
+    # current label is looked up per slab, not kept as a volume. Strict ">" keeps argmax's rule: on a
+    # tie the earlier prompt wins; an unlabelled voxel of a mask takes the label whatever its
+    # probability (filled holes may hold 0).
     for p in range(count):
-        m = first if p == 0 else masks[p]
+        m = masks[p]
         for k in range(0, labels.shape[0], SLAB):
             lab, inside = labels[k : k + SLAB], m[k : k + SLAB]
             current = np.zeros(lab.shape, probabilities.dtype)  # the probability of each voxel's label so far
@@ -97,5 +102,5 @@ def labelmap(masks, probabilities: np.ndarray | None = None) -> np.ndarray:
             better |= lab == 0
             better &= inside
             lab[better] = p + 1
-        del m
+        del m, inside  # this prompt's mask goes before the next one is made
     return labels

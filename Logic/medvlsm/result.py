@@ -86,7 +86,9 @@ class SegmentationResult:
         post = self.request.post if post is None else post
         masks = buffer.view(bool)
         for p in range(len(buffer)):
-            np.greater(buffer[p], t, out=masks[p])  # elementwise, in place: each byte read before written
+            for k in range(0, buffer.shape[1], postprocess.SLAB):  # numpy copies an input that overlaps its
+                np.greater(buffer[p, k : k + postprocess.SLAB], t,  # output: a slab's copy, not a volume's
+                           out=masks[p, k : k + postprocess.SLAB])
             if post.active:
                 masks[p] = post(masks[p])
         return masks
