@@ -73,14 +73,14 @@ def test_a_slice_of_a_case_names_the_segments_absent_from_it(tmp_path, tiny_mode
 def test_batches_carry_negatives_with_empty_targets(tmp_path, tiny_model):
     samples = two_object_samples(tmp_path, tiny_model)
     config = training.TrainConfig(batch_size=6, prompt_types=["p1"])
-    with_negatives = training._Feed(config, tiny_model.tokenize, torch.device("cpu"),
-                                    NegativePrompts.for_samples(samples, 1.0))
-    pixels, ids, _, masks, positives = next(training._batches(samples, list(range(6)), random.Random(0),
-                                                              with_negatives))
-    assert pixels.shape[0] == ids.shape[0] == masks.shape[0] == 12 and positives == 6  # every image twice at ratio 1
-    assert torch.equal(pixels[6:], pixels[:6]) and masks[:6].flatten(1).any(1).all() and not masks[6:].any()
+    with_negatives = training._Feed(config, torch.device("cpu"), NegativePrompts.for_samples(samples, 1.0))
+    batch = next(training._batches(samples, list(range(6)), random.Random(0), with_negatives))
+    assert len(batch.rows) == len(batch.prompts) == batch.masks.shape[0] == 12 and batch.positives == 6
+    assert batch.rows[6:] == batch.rows[:6]  # every image twice at ratio 1, the second time with a wrong prompt
+    assert batch.masks[:6].flatten(1).any(1).all() and not batch.masks[6:].any()
+    assert all(samples[r].prompts["p1"] not in wrong for r, wrong in zip(batch.rows[6:], batch.prompts[6:]))
     without = with_negatives._replace(negatives=None)
-    assert next(training._batches(samples, list(range(6)), random.Random(0), without))[0].shape[0] == 6
+    assert len(next(training._batches(samples, list(range(6)), random.Random(0), without)).rows) == 6
 
 
 def test_the_negative_ratio_is_an_option_recorded_in_the_card(tmp_path, tiny_model_dir, capsys):
@@ -143,3 +143,34 @@ def test_unet_sizes_build(size):
     model = ARCHITECTURES["unet"].random(size)
     logits = model(torch.zeros(2, 3, 64, 64), *model.tokenize(["a", "b"]).values())
     assert logits.shape == (2, 64, 64) and not model.spec.trained
+
+
+# ---- adapt: the decoder only, on features encoded once ---------------------------------------------
+
+def test_adapt_encodes_each_image_once_and_trains_the_decoder_only(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """``finetune --adapt``: every training and validation image goes through the image encoder once,
+    not once per epoch; the saved model's encoders are the starting model's, its decoder is not."""
+    from safetensors.torch import load_file
+
+    from medvlsm.models.clipseg import CLIPSeg
+
+    data = tmp_path / "data"
+    entries = two_object_images(data, 5, size=64)
+    write_split(tmp_path, "train", entries[:8])
+    write_split(tmp_path, "val", entries[8:])
+    encoded = []
+    real = CLIPSeg.encode_images
+    monkeypatch.setattr(CLIPSeg, "encode_images", lambda self, px: encoded.append(len(px)) or real(self, px))
+    code = main(["--quiet", "finetune", "--adapt", "--train", str(tmp_path / "train.json"), "--val",
+                 str(tmp_path / "val.json"), "--images", str(data / "images"), "--masks", str(data / "masks"),
+                 "--model", str(tiny_model_dir), "--output", str(tmp_path / "adapted"), "--epochs", "3",
+                 "--batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert sum(encoded) == 8 + 2  # 8 training and 2 validation entries (two objects per image), once each
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "adapted" / "model.safetensors")
+    encoders = [k for k in before if k.startswith(("clip.vision_model", "clip.text_model"))]
+    decoder = [k for k in before if k.startswith("decoder.") and not k.startswith("decoder.reduces")]
+    assert encoders and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoders)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+    assert "| frozen | encoders |" in (tmp_path / "adapted" / "README.md").read_text(encoding="utf-8")

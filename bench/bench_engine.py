@@ -179,11 +179,13 @@ def _peak_rss_mb(argv: list) -> float:
     return usage.ru_maxrss / 1024
 
 
-def output_memory(depths, size: int, models, tmp: Path, kinds=None, prompts=(1, 3)) -> dict:
+def output_memory(depths, size: int, models, tmp: Path, kinds=None, prompts=(1, 3), repeats: int = 2) -> dict:
     """Bytes per voxel a ``medvlsm segment`` run holds beyond the volume, per output kind, from the
     slope of its peak RSS between two depths (what does not grow with the volume — the model, torch,
     one batch — cancels out); minus the input's own 2 bytes (int16) per voxel. Each run is a fresh
-    process; the same for one prompt and for each further prompt."""
+    process, repeated ``repeats`` times, the smallest peak kept (the allocator's caches add tens of MB
+    of noise to a single run); the same for one prompt and for each further prompt. The full model
+    runs the first kind only (its bytes per voxel are the small model's: only constants differ)."""
     shallow, deep = depths
     volumes = {}
     for depth in depths:  # made in a child: a forked child's peak RSS starts at its parent's
@@ -198,7 +200,10 @@ def output_memory(depths, size: int, models, tmp: Path, kinds=None, prompts=(1, 
         if not folder.is_dir():
             subprocess.run([sys.executable, "-m", "medvlsm.cli", "init", "--size", model_size, "-o", str(folder)],
                            check=True, capture_output=True)
-        for kind, template in (kinds or MEMORY_KINDS).items():
+        chosen = kinds or MEMORY_KINDS
+        if model_size == "full" and kinds is None:
+            chosen = dict(list(MEMORY_KINDS.items())[:1])
+        for kind, template in chosen.items():
             per_prompts = {}
             for n in prompts:
                 peaks = {}
@@ -208,7 +213,7 @@ def output_memory(depths, size: int, models, tmp: Path, kinds=None, prompts=(1, 
                             "--model", str(folder), "--device", "cpu", *[a.format(out=out) for a in template]]
                     for prompt in MEMORY_PROMPTS[:n]:
                         argv += ["-p", prompt]
-                    peaks[depth] = _peak_rss_mb(argv)
+                    peaks[depth] = min(_peak_rss_mb(argv) for _ in range(repeats))
                 slope = (peaks[deep] - peaks[shallow]) * 2**20 / extra_voxels
                 per_prompts[n] = {"peak_rss_mb": peaks, "bytes_per_voxel": slope, "beyond_volume": slope - 2.0}
             row = {"model": model_size, "kind": kind, "prompts": per_prompts,
@@ -237,6 +242,7 @@ def main(argv=None):
                    "speed cases (targets: <= 3 beyond the volume for one prompt, <= 1.5 per further prompt)")
     p.add_argument("--memory-depths", type=int, nargs=2, default=[64, 256])
     p.add_argument("--memory-models", nargs="+", default=["small", "full"])
+    p.add_argument("--memory-repeats", type=int, default=2, help="runs per measurement, the smallest peak kept")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     depth, size = (300, 512) if args.full else (32, 256)
@@ -244,7 +250,8 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp())
     if args.memory:
         size = args.size or 512
-        results = {"machine": machine(), "memory": output_memory(args.memory_depths, size, args.memory_models, tmp)}
+        results = {"machine": machine(), "memory": output_memory(args.memory_depths, size, args.memory_models, tmp,
+                                                                   repeats=args.memory_repeats)}
         print_memory(results)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,7 @@ class TrainConfig:
     resume: bool = False  # continue from OUTPUT/checkpoint/last.pt
     negative_ratio: float = NEGATIVE_RATIO  # wrong prompts with empty targets per image (negatives.py); 0: none
     cpu_seconds: float = 0.0  # stop after the epoch that spends this much process CPU time (same-budget comparisons)
+    adapt: bool = False  # the decoder only, on image features encoded once (adapt.py): implies freeze=encoders
 
 
 def prepare(image_volume, mask: np.ndarray, prompts: dict, spec, resize: str = "stretch", window="auto") -> Sample:
@@ -251,45 +252,51 @@ def _freeze(model, how: str) -> list:
     return frozen
 
 
-def _stack(chunk, device):
-    """Samples -> float pixels ``[B, 3, S, S]`` and masks ``[B, S, S]`` on ``device``."""
-    return (torch.stack([s.pixels for s in chunk]).float().to(device),
-            torch.stack([s.mask for s in chunk]).float().to(device))
+def _masks(samples, rows, device):
+    """The samples' masks ``[B, S, S]`` as floats on ``device``."""
+    return torch.stack([samples[r].mask for r in rows]).float().to(device)
 
 
 class _Feed(NamedTuple):
-    """What turns samples into batches: the config, the model's tokenizer, the device, the negatives."""
+    """What turns samples into batches: the config, the device, the negatives."""
 
     config: TrainConfig
-    tokenize: object
     device: torch.device
     negatives: NegativePrompts | None
 
 
+class Batch(NamedTuple):
+    """One training step: sample indices (a negative repeats its image's), their prompts, the target
+    masks, and how many rows come before the negatives."""
+
+    rows: list
+    prompts: list
+    masks: torch.Tensor
+    positives: int
+
+
 def _batches(samples, indices, rng, feed: _Feed):
-    """Training batches ``(pixels, ids, attention, masks, positives)``; a last batch of one joins the one
-    before (BatchNorm, as in CRIS, needs two). With negatives, each image comes back with probability
-    ``negative_ratio`` with a prompt for something absent and an empty target, appended to its batch
-    after the ``positives`` rows."""
+    """Training ``Batch``es; a last batch of one joins the one before (BatchNorm, as in CRIS, needs
+    two). With negatives, each image comes back with probability ``negative_ratio`` with a prompt for
+    something absent and an empty target, appended to its batch after the ``positives`` rows."""
     config = feed.config
     starts = list(range(0, len(indices), config.batch_size))
     if len(starts) > 1 and len(indices) - starts[-1] == 1:
         starts.pop()
     for start, end in zip(starts, starts[1:] + [len(indices)]):
-        chunk = [samples[i] for i in indices[start:end]]
-        prompts = [pick_prompt(s, config.prompt_types, rng) for s in chunk]
-        pixels, masks = _stack(chunk, feed.device)
+        rows = list(indices[start:end])
+        prompts = [pick_prompt(samples[r], config.prompt_types, rng) for r in rows]
+        masks = _masks(samples, rows, feed.device)
+        positives = len(rows)
         if feed.negatives is not None:
-            wrong = [(i, feed.negatives.pick(s, p, rng)) for i, (s, p) in enumerate(zip(chunk, prompts))
+            wrong = [(r, feed.negatives.pick(samples[r], p, rng)) for r, p in zip(rows[:positives], prompts)
                      if rng.random() < feed.negatives.ratio]
-            wrong = [(i, text) for i, text in wrong if text is not None]
+            wrong = [(r, text) for r, text in wrong if text is not None]
             if wrong:
-                rows = torch.tensor([i for i, _ in wrong], device=feed.device)
+                rows += [r for r, _ in wrong]
                 prompts += [text for _, text in wrong]
-                pixels = torch.cat([pixels, pixels[rows]])
-                masks = torch.cat([masks, torch.zeros_like(masks[rows])])
-        tokens = feed.tokenize(prompts)
-        yield pixels, tokens["input_ids"].to(feed.device), tokens["attention_mask"].to(feed.device), masks, len(chunk)
+                masks = torch.cat([masks, torch.zeros((len(wrong), *masks.shape[1:]), device=feed.device)])
+        yield Batch(rows, prompts, masks, positives)
 
 
 def negative_loss(negative_logits: torch.Tensor, positive_masks: torch.Tensor, ce_weight: float) -> torch.Tensor:
@@ -334,6 +341,13 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     output = Path(output)
     device = resolve_device(config.device)
     config = with_recipe(config, architecture(model.spec.arch))
+    if config.adapt:
+        if not architecture(model.spec.arch).reads_text:
+            raise InputError(f"{model.spec.arch} has no encoders to freeze: nothing to adapt",
+                             "Train it without --adapt")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError("--adapt trains in one process", "Run it without torchrun")
+        config = dataclasses.replace(config, freeze="encoders")
     base_name = model.spec.name
     # The saved folder is this new model from its first save on: its own name, size and preprocessing,
     # so an interrupted run leaves a usable, truthfully described best model.
@@ -387,8 +401,19 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         state = json.loads(saved["state"])
     if rank == 0:
         (output / "checkpoint").mkdir(parents=True, exist_ok=True)
-    feed = _Feed(config, model.tokenize, device, negatives)
+    feed = _Feed(config, device, negatives)
     started, cpu_started = time.perf_counter(), time.process_time()
+    if config.adapt:
+        from .adapt import FeatureForward
+
+        log.info("adapt: encoding the image features of %d training and %d validation samples once", len(train),
+                 len(val))
+        forward, val_forward = FeatureForward(model, train, device), FeatureForward(model, val, device)
+    else:
+        from .adapt import PixelForward
+
+        forward, val_forward = PixelForward(step_model, train, model.tokenize, device), PixelForward(
+            model, val, model.tokenize, device)
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         rng = random.Random(config.seed * 1000 + epoch * 10 + rank)
         order = local[:]
@@ -397,10 +422,10 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
         for module in frozen:
             module.eval()
         train_loss, steps, epoch_start = 0.0, 0, time.perf_counter()
-        for pixels, ids, mask_ids, masks, positives in _batches(train, order, rng, feed):
+        for batch in _batches(train, order, rng, feed):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = step_model(pixels, ids, mask_ids)
-            loss = _loss(loss_fn, logits.float(), masks, positives)
+                logits = forward(batch.rows, batch.prompts)
+            loss = _loss(loss_fn, logits.float(), batch.masks, batch.positives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -414,7 +439,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                 progress(epoch, steps, steps_per_epoch)
             if steps >= steps_per_epoch:
                 break
-        val_loss, val_dice = evaluate_samples(model, val, config, loss_fn, _Run(device, dtype, rank, world))
+        val_loss, val_dice = evaluate_samples(model, val, val_forward, (config, loss_fn),
+                                              _Run(device, dtype, rank, world))
         if config.scheduler == "plateau":
             scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": train_loss / max(steps, 1), "val_loss": val_loss, "val_dice": val_dice,
@@ -463,8 +489,11 @@ class _Run(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate_samples(model, samples, config, loss_fn, run: _Run) -> tuple[float, float]:
-    """Validation loss and mean Dice over every prompt type asked for (deterministic: first string)."""
+def evaluate_samples(model, samples, forward, recipe, run: _Run) -> tuple[float, float]:
+    """Validation loss and mean Dice over every prompt type asked for (deterministic: first string);
+    ``forward(rows, prompts)`` makes the logits of ``samples[rows]`` (``adapt.py``); ``recipe``: the
+    config and the loss."""
+    config, loss_fn = recipe
     device, dtype, rank, world = run
     model.eval()
     types = PROMPT_TYPES[1:] if config.prompt_types == ["random"] else config.prompt_types
@@ -472,16 +501,15 @@ def evaluate_samples(model, samples, config, loss_fn, run: _Run) -> tuple[float,
     local = list(range(rank, len(samples), world))
     for ptype in types:
         for start in range(0, len(local), config.batch_size):
-            chunk = [samples[i] for i in local[start : start + config.batch_size] if ptype in samples[i].prompts]
-            if not chunk:
+            rows = [i for i in local[start : start + config.batch_size] if ptype in samples[i].prompts]
+            if not rows:
                 continue
-            tokens = model.tokenize([strings(s.prompts, ptype)[0] for s in chunk])
-            pixels, masks = _stack(chunk, device)
+            masks = _masks(samples, rows, device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
-            loss_sum += float(loss_fn(logits[:, None], masks[:, None])) * len(chunk)
+                logits = forward(rows, [strings(samples[r].prompts, ptype)[0] for r in rows]).float()
+            loss_sum += float(loss_fn(logits[:, None], masks[:, None])) * len(rows)
             dice_sum += float(_dice(logits, masks, model.spec.threshold).sum())
-            count += len(chunk)
+            count += len(rows)
     loss_sum, dice_sum, count = _all_sum([loss_sum, dice_sum, count], device)
     model.train()
     return loss_sum / max(count, 1), dice_sum / max(count, 1)
