@@ -40,7 +40,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -62,9 +61,8 @@ from starlette.requests import ClientDisconnect
 
 from . import wire
 from .errors import Cancelled, InputError, MedVLSMError
-from .postprocess import PostProcess
-from .request import (ALL_PLANES, FUSIONS, MAX_DESCRIBE_CHARS, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_VOLUME_KEY_CHARS,
-                      RESIZE_MODES, Request)
+from .request import (ALL_PLANES, FUSIONS, MAX_DESCRIBE_CHARS, MAX_PROMPT_CHARS, MAX_PROMPTS, RESIZE_MODES,
+                      Request)
 from .volume import PLANES
 
 log = logging.getLogger("medvlsm")
