@@ -76,9 +76,9 @@ RUN_ELSEWHERE = {
 
 
 def run_elsewhere(command: str):
-    words = concrete(command)
-    joined = " ".join(words)
-    return next((key for key in RUN_ELSEWHERE if key in words or f" {key}" in f" {joined}"), None)
+    """The ``RUN_ELSEWHERE`` key of a command (a word or words of its concrete form), or None."""
+    words = f" {' '.join(concrete(command))} "
+    return next((key for key in RUN_ELSEWHERE if f" {key} " in words), None)
 
 
 def test_commands_run_elsewhere_are_run_there():

@@ -134,6 +134,11 @@ def test_freezing_an_image_only_model_is_refused(tmp_path, capsys):
                  str(tmp_path / "set.json"), "--val", str(tmp_path / "set.json"), "--images", str(data / "images"),
                  "--masks", str(data / "masks"), "--output", str(tmp_path / "u"), "--epochs", "1"]) == 2
     assert "has no pretrained encoders to freeze" in capsys.readouterr().err
+    assert main(["finetune", "--arch", "unet", "--size", "tiny", "--adapt", "--train",
+                 str(tmp_path / "set.json"), "--val", str(tmp_path / "set.json"), "--images", str(data / "images"),
+                 "--masks", str(data / "masks"), "--output", str(tmp_path / "a"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to adapt" in err and "Train it without --adapt" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "full"])

@@ -29,7 +29,7 @@ class PixelForward:
 class FeatureForward:
     """Cached image features and text embeddings through the decoder only (frozen encoders)."""
 
-    def __init__(self, model, samples, device, batch_size: int = 16, progress=None):
+    def __init__(self, model, samples, device, batch_size: int = 16):
         self.model, self.device, self.text_cache = model, device, {}
         self.features = []  # per sample: a tuple of tensors [...] without the batch axis
         with torch.no_grad():
@@ -39,8 +39,6 @@ class FeatureForward:
                 encoded = model.encode_images(pixels)
                 for i in range(len(chunk)):
                     self.features.append(tuple(f[i].to("cpu", torch.float16) for f in encoded))
-                if progress is not None:
-                    progress(min(start + batch_size, len(samples)), len(samples))
 
     def text(self, prompts) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]

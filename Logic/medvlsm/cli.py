@@ -23,34 +23,27 @@ EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
 
 
-def _probability(text: str) -> float:
+def _float_where(text: str, accept, problem: str) -> float:
+    """``text`` as a float that ``accept`` takes (nan never does), else argparse's one-line error."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0.0 < value < 1.0:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r} is not a probability: give a number between 0 and 1, e.g. 0.5")
+    if value != value or not accept(value):
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
     return value
+
+
+def _probability(text: str) -> float:
+    return _float_where(text, lambda v: 0.0 < v < 1.0, "is not a probability: give a number between 0 and 1, e.g. 0.5")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number, e.g. 1e-4")
-    return value
+    return _float_where(text, lambda v: 0.0 < v < float("inf"), "must be a positive number, e.g. 1e-4")
 
 
 def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 4.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio from 0 to 4: give e.g. 0.25 (0: no negatives)")
-    return value
+    return _float_where(text, lambda v: 0.0 <= v <= 4.0, "is not a ratio from 0 to 4: give e.g. 0.25 (0: no negatives)")
 
 
 def _label_names(items) -> dict:

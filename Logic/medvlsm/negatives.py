@@ -23,6 +23,7 @@ polyp" -> "one small pink round liver"), so the model cannot learn "long prompt 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -79,8 +80,12 @@ class NegativePrompts:
         nor another structure annotated on its image)."""
         cls = class_name(sample.prompts)
         reviewed = [n for n in sample.absent if n.lower() != cls.lower()]
-        there = (cls, *sample.present)
-        return reviewed, [n for n in self.names if not any(related(n, t) for t in there)]
+        return reviewed, self._unrelated((cls, *sample.present))
+
+    @functools.lru_cache(maxsize=1024)
+    def _unrelated(self, there: tuple) -> list:
+        """The names related to none of ``there`` (asked once per sample per epoch: kept, not recomputed)."""
+        return [n for n in self.names if not any(related(n, t) for t in there)]
 
     def pick(self, sample, prompt: str, rng) -> str | None:
         """A prompt describing nothing in ``sample``'s image (``prompt``: the positive one drawn for it);
