@@ -35,7 +35,7 @@ setup(
         "slicer": ["Qt.py>=1.4"],
         "dicom": ["highdicom>=0.22", "pydicom>=2.4"],
         "server": ["fastapi>=0.110", "uvicorn>=0.29"],  # `medvlsm serve`; the client needs nothing more
-        "ray": ["ray[serve]>=2.40", "fastapi>=0.110", "uvicorn>=0.29"],  # `medvlsm serve --replicas N`
+        "ray": ["ray[serve]>=2.48", "fastapi>=0.110", "uvicorn>=0.29"],  # `medvlsm serve --replicas N`
     },
     entry_points={"console_scripts": ["medvlsm=medvlsm.cli:main"]},
 )
