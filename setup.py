@@ -16,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",  # the pinned numpy, scipy, matplotlib and transformers need 3.11
     package_dir={"medvlsm": "Logic/medvlsm", "medvlsm.resources": "Resources"},
-    packages=["medvlsm", "medvlsm.models", "medvlsm.resources"],
+    packages=["medvlsm", "medvlsm.models", "medvlsm.server", "medvlsm.resources"],
     package_data={"medvlsm.resources": ["*.json", "*.txt", "Tokenizers/*/*", "Demo/*", "UI/*.ui", "Icons/*.png"]},
     install_requires=[
         "torch>=2.1",

@@ -267,27 +267,17 @@ class MedVLSMSlicerLogic(ScriptedLoadableModuleLogic):
         self.session.apply(target, settings)
         return target
 
-    def finetune(self, pairs, output, model="", epochs=30, plane="axial"):
-        """Finetune on these segmentations, out of process (the GUI stays free).
+    def teach(self, segmentation_nodes, model="", mode="adapt", epochs=10, plane="axial", labels="partial",
+              device="auto", models_folder=""):
+        """Teach a new model on these segmentations (each over its volume; segment names = prompts), in
+        the background, with the code the panel's Teach runs. Returns the job: ``job.done``,
+        ``job.curve`` (one row per epoch), ``job.result`` = (model folder, summary); ``job.cancel()``
+        leaves no folder. In the Python console, ``job.wait()`` blocks Slicer until it ends."""
+        from medvlsm.teaching import TeachSettings
+        from MedVLSMSlicerLib.teach import scene_cases, teach
 
-        ``pairs``: [(volumeNode, segmentationNode), ...]. Exports them into OUTPUT/data, then runs
-        ``PythonSlicer -m medvlsm.cli finetune ...``; progress goes to OUTPUT/finetune.log. Returns the
-        process (``poll()`` is None while it runs). The result is a model folder: choose it under
-        Model > Local folder... in the panel.
-        """
-        import shutil
-        import subprocess
-
-        from medvlsm.cli import finetune_command
-        from MedVLSMSlicerLib import mrml_glue as glue
-
-        data = os.path.join(output, "data")
-        for volume_node, segmentation_node in pairs:
-            glue.export_training_pair(slicer.mrmlScene, volume_node, segmentation_node, data)
-        python = shutil.which("PythonSlicer") or sys.executable
-        argv = finetune_command(python, data, output, model=model, epochs=epochs, plane=plane)
-        logfile = open(os.path.join(output, "finetune.log"), "w", encoding="utf-8")
-        return subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT)
+        settings = TeachSettings(mode=mode, epochs=epochs, plane=plane, labels=labels, device=device)
+        return teach(scene_cases(segmentation_nodes), model, settings, models_folder)
 
 
 class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -295,6 +285,7 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.controller = None
+        self.teach = None
         self.logic = None
         self.placeholder = None
 
@@ -321,6 +312,7 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from MedVLSMSlicerLib import mrml_glue as glue
         from MedVLSMSlicerLib import qt_compat
         from MedVLSMSlicerLib.panel import PanelController, ui_file
+        from MedVLSMSlicerLib.teach_panel import TeachController
 
         self.placeholder.hide()
         root = qt_compat.load_ui(ui_file())
@@ -329,15 +321,23 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             root, slicer.mrmlScene, self.logic.session, glue.parameter_node(slicer.mrmlScene),
             ask_folder=lambda: qt.QFileDialog.getExistingDirectory(None, "Model folder (save_pretrained format)"),
             ask_save_path=self._ask_save_path, current_slice=current_slice_index, dicom_files=dicom_files)
+        # the Plots module's logic shows the learning curve in a plot view (ShowChartInLayout: Slicer >= 4.11)
+        self.teach = TeachController(root, slicer.mrmlScene, self.controller,
+                                     show_chart=lambda chart: slicer.modules.plots.logic().ShowChartInLayout(chart))
         scene = slicer.mrmlScene
         for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):
-            self.addObserver(scene, event, lambda *_: self.controller.refresh_nodes())
+            self.addObserver(scene, event, lambda *_: self._nodes_changed())
         for event in (scene.EndImportEvent, scene.EndCloseEvent):
             self.addObserver(scene, event, self._scene_loaded)
+
+    def _nodes_changed(self):
+        self.controller.refresh_nodes()
+        self.teach.refresh()
 
     def _scene_loaded(self, *_):
         from MedVLSMSlicerLib import mrml_glue as glue
 
+        self.teach.refresh()
         self.controller.parameter_node = glue.parameter_node(slicer.mrmlScene)
         self.controller.reload_settings()
 
@@ -349,6 +349,8 @@ class MedVLSMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        if self.teach is not None:
+            self.teach.shutdown()
         if self.controller is not None:
             self.controller.shutdown()
 

@@ -151,6 +151,24 @@ class ModuleHandle:
         return self._widget
 
 
+class PlotsModule:
+    """``slicer.modules.plots``: its logic is slicer-core's real ``vtkSlicerPlotsLogic``; the charts
+    asked to be shown are recorded (the layout they would switch to is the desktop application's)."""
+
+    def __init__(self, slicer, scene):
+        self._logic = slicer.vtkSlicerPlotsLogic()
+        self._logic.SetMRMLScene(scene)
+        self._logic.ShowChartInLayout = self._show
+        self.shown = []
+
+    def _show(self, chart):
+        self.shown.append(chart)
+        type(self._logic).ShowChartInLayout(self._logic, chart)
+
+    def logic(self):
+        return self._logic
+
+
 def install_slicer(qapp, version, answer_confirm=True):
     import slicer
     import slicer.util
@@ -166,6 +184,7 @@ def install_slicer(qapp, version, answer_confirm=True):
     slicer.app = FakeApplication(qapp, version)
     slicer.modules = types.SimpleNamespace()
     slicer.modules.segmenteditor = SegmentEditorModule(slicer)
+    slicer.modules.plots = PlotsModule(slicer, scene)
     slicer.selfTests = {}
 
     def confirm(text, *a, **k):
@@ -911,7 +930,46 @@ def scenario_cleanup(args):
     REPORT["observers"] = len(panel.session._observers)
 
 
-SCENARIOS = {"restart-check": scenario_restart_check, "selftest-without-torch": scenario_selftest_without_torch, "install-testing": scenario_install_testing, "torch-install-fails": scenario_torch_install_fails,
+def scenario_teach(args):
+    """Teach from the panel under PythonQt's GIL-holding loop: a segmentation labelled on a few axial
+    slices, Adapt for 2 epochs, the curve in plot nodes, the new model selected and used by the next Run."""
+    import numpy as np
+
+    slicer, module_py, path = start(args.layout, args.version)
+    import qt
+    from MedVLSMSlicerLib import mrml_glue as glue
+
+    widget = slicer.modules.medvlsmslicer.widgetRepresentation().self()
+    panel, teach = widget.controller, widget.teach
+    teach.models_folder = str(Path(tempfile.mkdtemp(prefix="medvlsm-taught-")))
+    volume = volume_node(slicer, (10, 32, 36), 3, "patient1")
+    segmentation = glue.new_segmentation(slicer.mrmlScene, volume, "patient1 labels")
+    liver = np.zeros((10, 32, 36), bool)
+    for k in (1, 3, 5, 7):
+        liver[k, 6:16, 6:18] = True
+    glue.write_masks(segmentation, volume, liver[None], ["liver"])
+    folder = tiny_model_folder()
+    panel.add_model_folder(folder)
+    panel.w("deviceCombo").setCurrentIndex(panel.w("deviceCombo").findText("cpu"))
+    teach.ui["teachEpochsSpin"].setValue(2)
+    teach.ui["teachCasesList"].item(0).setCheckState(qt.Qt.Checked)
+    t0 = time.perf_counter()
+    teach.teach_or_cancel()
+    hold_gil_event_loop(lambda: not teach.running, timeout_s=120)
+    REPORT["teach_s"] = time.perf_counter() - t0
+    REPORT["status"] = teach.ui["teachStatusLabel"].property("text")
+    REPORT["selected"] = panel.w("modelCombo").property("currentText")
+    REPORT["taught"] = str(teach.folder)
+    REPORT["curve_rows"] = teach.curve.table.GetTable().GetNumberOfRows()
+    REPORT["charts_shown"] = [chart.GetName() for chart in slicer.modules.plots.shown]
+    panel.w("volumeCombo").setCurrentIndex(panel.w("volumeCombo").findText(volume.GetName()))
+    panel.w("promptsEdit").setPlainText("liver")
+    panel.run_or_cancel()
+    hold_gil_event_loop(lambda: not panel.running, timeout_s=120)
+    REPORT["run_model"] = panel.session.last_result.model_name
+
+
+SCENARIOS = {"teach": scenario_teach, "restart-check": scenario_restart_check, "selftest-without-torch": scenario_selftest_without_torch, "install-testing": scenario_install_testing, "torch-install-fails": scenario_torch_install_fails,
              "effect-before-setup": scenario_effect_before_setup, "close-scene": scenario_close_scene, "prefetch": scenario_prefetch, "cleanup": scenario_cleanup, "interleaved-undo": scenario_interleaved_undo,
              "startup": scenario_startup, "old-slicer": scenario_old_slicer, "install": scenario_install,
              "selftest": scenario_selftest, "gil-panel": scenario_gil_panel, "gil-effect": scenario_gil_effect,

@@ -17,6 +17,7 @@ from synthetic import two_object_images, write_split
 
 from medvlsm import io, training
 from medvlsm.cli import main
+from medvlsm.errors import InputError
 from medvlsm.engine import Engine
 from medvlsm.metrics import score
 from medvlsm.models import load_model
@@ -184,10 +185,12 @@ def test_volumes_and_segmentations_become_slices_with_empty_ones(tmp_path, tiny_
 
     pairs = read_volume_folder(volumes, segs)
     assert [p.name for p in pairs] == ["case0", "case1"]
-    samples = training.samples_from_volumes(pairs[:1], tiny_model.spec, empty_fraction=0.5)
+    samples = training.samples_from_volumes(pairs[:1], tiny_model.spec, empty_fraction=0.5, labels="complete")
     present = [s for s in samples if s.mask.any()]
     assert len(present) == 4 and len(samples) == 6  # 4 slices with liver + half as many without
-    every_plane = training.samples_from_volumes(pairs[:1], tiny_model.spec, plane="all", empty_fraction=0)
+    assert len(training.samples_from_volumes(pairs[:1], tiny_model.spec)) == 4  # partial: empty slices unlabelled
+    every_plane = training.samples_from_volumes(pairs[:1], tiny_model.spec, plane="all", empty_fraction=0,
+                                                labels="complete")
     assert sorted({s.name.split(":")[2] for s in every_plane}) == ["axial", "coronal", "sagittal"]
     assert len(every_plane) == 4 + 12 + 12  # the liver's slices in each plane: 4 axial, 12 coronal, 12 sagittal
     assert present[0].prompts["p1"] == "liver" and present[0].prompts["p5"].startswith("one ")
@@ -198,3 +201,45 @@ def test_volumes_and_segmentations_become_slices_with_empty_ones(tmp_path, tiny_
                  "--prompt-type", "p1", "p5"]) == 0
     card = (tmp_path / "ft" / "README.md").read_text(encoding="utf-8")
     assert "p1, p5" in card and json.loads((tmp_path / "ft" / "medvlsm.json").read_text(encoding="utf-8"))["trained"]
+
+
+def test_partial_labels_teach_only_labelled_slices_and_the_reviewed_ones_say_absent(tmp_path, tiny_model, tiny_model_dir,
+                                                                                     capsys):
+    """A radiologist labels liver on axial slices 2 and 6 and spleen on 6, and marks slice 9 reviewed
+    (holding neither): those three slices are the data. Slice 4 (liver in truth, unlabelled) is never a
+    negative; a structure absent from a labelled slice is (spleen on 2); all three planes are refused."""
+    from medvlsm.datasets import LabelledVolume
+
+    volume = Volume(blobs((12, 24, 24), seed=3), (1.0, 1.0, 2.5))
+    liver, spleen, reviewed = (np.zeros(volume.shape, bool) for _ in range(3))
+    liver[2, 4:12, 4:12] = liver[6, 4:12, 4:12] = True
+    spleen[6, 14:20, 14:20] = True
+    reviewed[9, 0, 0] = True
+    io.write_seg_nrrd(volume, np.stack([liver, spleen, reviewed]), ["liver", "spleen", "Reviewed"],
+                      tmp_path / "case.seg.nrrd")
+    import SimpleITK as sitk
+
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "case.nrrd"))
+    pair = LabelledVolume("case", tmp_path / "case.nrrd", tmp_path / "case.seg.nrrd")
+    samples = training.samples_from_volumes([pair], tiny_model.spec)
+    taught = {(s.name.split(":")[1], int(s.name.split(":")[3]), bool(s.mask.any())) for s in samples}
+    assert taught == {("liver", 2, True), ("liver", 6, True), ("liver", 9, False),
+                      ("spleen", 2, False), ("spleen", 6, True), ("spleen", 9, False)}
+    train, val = training.train_val_split([pair], 0.2, lambda ps: training.samples_from_volumes(ps, tiny_model.spec))
+    assert {s.name for s in val} == {"case:liver:axial:2", "case:spleen:axial:2"}  # a whole slice held out
+    assert not {s.name.rsplit(":", 1)[1] for s in train} & {"2"}
+    on_two = next(s for s in samples if s.name == "case:liver:axial:2")
+    assert on_two.absent == ("spleen",) and on_two.present == ()  # "spleen" is a negative prompt on slice 2
+    with pytest.raises(InputError, match="cross unlabelled ones.*--labels complete"):
+        training.samples_from_volumes([pair], tiny_model.spec, plane="all")
+    (tmp_path / "v").mkdir(), (tmp_path / "s").mkdir()
+    (tmp_path / "case.nrrd").rename(tmp_path / "v" / "case.nrrd")
+    (tmp_path / "case.seg.nrrd").rename(tmp_path / "s" / "case.seg.nrrd")
+    capsys.readouterr()
+    assert main(["finetune", "--volumes", str(tmp_path / "v"), "--segmentations", str(tmp_path / "s"), "--plane",
+                 "all", "--model", str(tiny_model_dir), "--output", str(tmp_path / "ft")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: Partial labels") and "--labels complete" in error
+    pair = LabelledVolume("case", tmp_path / "v" / "case.nrrd", tmp_path / "s" / "case.seg.nrrd")
+    complete = training.samples_from_volumes([pair], tiny_model.spec, labels="complete", empty_fraction=5)
+    assert "case:liver:axial:4" in {s.name for s in complete}  # every slice labelled: 4 says "no liver"

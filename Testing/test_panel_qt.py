@@ -5,6 +5,7 @@ Stand-in: only the Slicer desktop application itself (not installable here); the
 controller are exactly those the module loads inside Slicer.
 """
 
+import json
 import os
 import shutil
 import time
@@ -379,3 +380,123 @@ def test_an_image_only_model_and_an_unrecognised_prompt_say_so(app, scene, tmp_p
     panel.c.add_model_folder("tiny-clipseg")  # back to a VLSM: the box's own hint returns
     assert "image-only" not in edit.placeholderText()
     panel.c.shutdown()
+
+
+def labelled_case(scene, name="patient1"):
+    """A volume with liver labelled on axial slices 1, 3, 5 and spleen on 3 (partial labels), and slice
+    7 marked reviewed: the Teach section's data."""
+    volume = add_volume(scene, shape=(10, 32, 36), name=name)
+    segmentation = glue.new_segmentation(scene, volume, f"{name} labels")
+    liver, spleen, reviewed = (np.zeros((10, 32, 36), bool) for _ in range(3))
+    for k in (1, 3, 5):
+        liver[k, 6:16, 6:18] = True
+    spleen[3, 20:28, 22:32] = True
+    reviewed[7, 0, 0] = True
+    glue.write_masks(segmentation, volume, np.stack([liver, spleen, reviewed]), ["liver", "spleen", "reviewed"])
+    return volume, segmentation
+
+
+def test_teach_adapts_on_the_scene_s_labels_draws_the_curve_and_the_next_run_uses_the_new_model(
+        panel, tiny_model_dir, tmp_path):
+    from MedVLSMSlicerLib.teach_panel import TeachController
+
+    models = tmp_path / "models"
+    charts = []
+    teach = TeachController(panel.root, panel.scene, panel.c, models_folder=str(models), show_chart=charts.append)
+    volume, segmentation = labelled_case(panel.scene)
+    panel.c.refresh_nodes()
+    teach.refresh()
+    panel.c.add_model_folder(str(tiny_model_dir))
+    panel.ui["teachEpochsSpin"].setValue(2)
+    panel.click("teachButton")  # nothing ticked
+    assert panel.ui["teachStatusLabel"].text() == ("No segmentation chosen to teach on. Tick at least one "
+                                                   "segmentation under Teach.") and not teach.running
+    panel.ui["teachCasesList"].item(0).setCheckState(QtCore.Qt.Checked)
+    panel.click("teachButton")
+    assert teach.running and panel.ui["teachButton"].text() == "Cancel"
+    wait_for(panel.app, teach)
+    status = panel.ui["teachStatusLabel"].text()
+    folder = models / "clipseg-tiny-taught-1"
+    assert status.startswith("Taught clipseg-tiny-taught-1: held-out Dice") and "random weights" in status
+    assert (folder / "model.safetensors").is_file() and not (folder / "checkpoint").exists()
+    assert [p.name for p in models.iterdir()] == [folder.name]  # no staging folder left
+    card = json.loads((folder / "medvlsm.json").read_text(encoding="utf-8"))
+    assert card["prompts"] == ["liver", "spleen"] and card["cases"] == ["patient1 labels"]
+    assert card["labels"] == "partial" and card["name"] == folder.name
+    (chart,) = charts
+    assert chart.GetNumberOfPlotSeriesNodes() == 2 and panel.scene.IsNodePresent(chart)
+    table = chart.GetNthPlotSeriesNode(1).GetTableNode().GetTable()
+    assert table.GetNumberOfRows() == 2  # one row per epoch, filled while it ran
+    assert 0.0 <= table.GetValue(1, 2) <= 1.0  # the held-out Dice column
+    assert panel.ui["modelCombo"].currentText() == str(folder)
+    assert panel.ui["modelCombo"].findText(str(tiny_model_dir)) >= 0  # the model before: one click away
+    panel.ui["volumeCombo"].setCurrentIndex(panel.ui["volumeCombo"].findText(volume.GetName()))
+    panel.ui["promptsEdit"].setPlainText("liver")
+    panel.click("runButton")
+    panel.wait()
+    assert panel.loads[-1] == str(folder)  # the next Run uses the taught model
+
+
+def test_cancelled_teach_leaves_no_model_and_the_scene_as_it_was(panel, tiny_model_dir, tmp_path):
+    from MedVLSMSlicerLib.teach_panel import TeachController
+
+    models = tmp_path / "models"
+    teach = TeachController(panel.root, panel.scene, panel.c, models_folder=str(models))
+    labelled_case(panel.scene)
+    teach.refresh()
+    panel.c.add_model_folder(str(tiny_model_dir))
+    panel.ui["teachEpochsSpin"].setValue(200)
+    panel.ui["teachCasesList"].item(0).setCheckState(QtCore.Qt.Checked)
+    panel.c.read_settings()  # the panel's choices go into its parameter node on any press, Run as Teach
+    before = scene_snapshot(panel.scene)
+    panel.click("teachButton")
+    while teach.running and not teach.job.curve:  # cancel once the curve has its first row
+        panel.app.processEvents()
+        time.sleep(0.01)
+    panel.click("teachButton")  # "Cancel"
+    wait_for(panel.app, teach)
+    assert panel.ui["teachStatusLabel"].text() == "Teaching cancelled: no model was kept."
+    assert scene_snapshot(panel.scene) == before  # the curve's nodes went with it
+    assert not models.exists() or list(models.iterdir()) == []
+    assert panel.ui["modelCombo"].currentText() == str(tiny_model_dir)
+
+
+def wait_for(app, teach, timeout=120):
+    end = time.time() + timeout
+    while teach.running and time.time() < end:
+        app.processEvents()
+        time.sleep(0.01)
+    assert not teach.running, "teaching did not finish"
+
+
+def test_teach_with_compute_on_a_server_makes_the_client_s_model_there(panel, tiny_model_dir, tmp_path):
+    """Compute: a `medvlsm serve --teach-dir` URL: Teach uploads the case, trains there, and selects the
+    server's new model (this client's alone) under Model; the next Run names it there."""
+    from test_server import LiveServer
+
+    from medvlsm.server import ServerConfig, create_app
+    from MedVLSMSlicerLib.teach_panel import TeachController
+
+    live = LiveServer(create_app(ServerConfig(models={"tiny-clipseg": str(tiny_model_dir)}, device="cpu",
+                                              teach_dir=str(tmp_path / "server-models"))))
+    try:
+        teach = TeachController(panel.root, panel.scene, panel.c, models_folder=str(tmp_path / "local"))
+        volume, _ = labelled_case(panel.scene)
+        panel.c.refresh_nodes()
+        teach.refresh()
+        panel.ui["serverEdit"].setText(live.url)
+        panel.ui["teachEpochsSpin"].setValue(1)
+        panel.ui["teachCasesList"].item(0).setCheckState(QtCore.Qt.Checked)
+        panel.click("teachButton")
+        wait_for(panel.app, teach)
+        status = panel.ui["teachStatusLabel"].text()
+        assert status.startswith("Taught tiny-clipseg-taught-1 on the server (yours alone there)"), status
+        assert panel.ui["modelCombo"].currentText() == "tiny-clipseg-taught-1"
+        assert not (tmp_path / "local").exists() and panel.loads == []  # nothing trained or loaded here
+        panel.ui["volumeCombo"].setCurrentIndex(panel.ui["volumeCombo"].findText(volume.GetName()))
+        panel.ui["promptsEdit"].setPlainText("liver")
+        panel.click("runButton")
+        panel.wait()
+        assert panel.session.last_result.model_name == "tiny-clipseg-taught-1"
+    finally:
+        live.stop()

@@ -111,6 +111,14 @@ def test_typing_prefetches_under_pythonqts_loop_and_the_run_decodes_only():
     assert report["timer_stopped"] and report["from_cache"]
 
 
+def test_teach_under_pythonqts_loop_selects_the_new_model_and_the_next_run_uses_it():
+    report = slicer_app("teach")
+    assert report["status"].startswith("Taught ") and "held-out Dice" in report["status"], report
+    assert report["selected"] == report["taught"] and report["run_model"] == Path(report["taught"]).name
+    assert report["curve_rows"] == 2  # one row per epoch
+    assert len(report["charts_shown"]) == 1 and report["charts_shown"][0].endswith("learning curve")
+
+
 def test_cleanup_stops_the_timer_and_cancels_the_run():
     report = slicer_app("cleanup")
     assert not report["timer_active"] and not report["thread_alive"] and report["cancelled"], report

@@ -305,10 +305,6 @@ def test_export_for_finetuning_reads_back_as_a_training_set(scene, tmp_path, tin
     np.testing.assert_array_equal(masks[0], liver)
     samples = training.samples_from_volumes([pair], tiny_model.spec)
     assert samples and all(s.prompts["p1"] == "liver" for s in samples)
-    from medvlsm.cli import finetune_command
-
-    argv = finetune_command("PythonSlicer", tmp_path, tmp_path / "model")
-    assert argv[1:4] == ["-m", "medvlsm.cli", "finetune"] and str(tmp_path / "volumes") in argv
 
 
 def test_dicom_seg_export_from_a_dicom_loaded_volume(scene, tmp_path):

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .datasets import LABELS
 from .errors import Cancelled, InputError, MedVLSMError, ModelError
 from .models.architectures import ARCHITECTURES, architecture, converters
 from .request import ALL_PLANES, FUSIONS, planes_cost
@@ -197,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--segmentations", help="folder of .seg.nrrd / labelmaps named like the volumes")
     ft.add_argument("--plane", default="axial", choices=(*PLANES, ALL_PLANES),
                     help="slicing plane (volumes); all: slices of the three planes, so one model serves --axis all")
+    ft.add_argument("--labels", default="partial", choices=LABELS,
+                    help="volumes: partial (default): only labelled slices of --plane are data, those holding any "
+                         "segment or the 'reviewed' segment; complete: every slice is labelled")
     ft.add_argument("--empty-fraction", type=float, default=0.1,
-                    help="slices without the structure kept, as a fraction of those with it (volumes; default 0.1)")
+                    help="--labels complete: slices without the structure kept, as a fraction of those with it "
+                         "(default 0.1)")
     ft.add_argument("--val-fraction", type=float, default=0.2, help="volumes held out for validation (default 0.2)")
     ft.add_argument("--model", default=None, help="registry name or model folder to start from (see `medvlsm init`)")
     ft.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
@@ -208,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--negative-ratio", type=_ratio, default=None, metavar="R",
                     help="wrong prompts (absent structures, other organs, a wrong location) trained to an empty mask, "
                          "per image (default 0.25; 0: none; image-only models: none)")
-    ft.add_argument("--output", "-o", required=True, help="folder for the finetuned model, card and curves")
+    ft.add_argument("--output", "-o", help="folder for the finetuned model, card and curves (not with --server)")
     ft.add_argument("--prompt-type", nargs="+", default=["p1"], help="p0..p9 (several: one drawn per sample) or random")
     ft.add_argument("--epochs", type=_positive_int, default=50)
     ft.add_argument("--recipe", choices=("default", "paper"), default="default",
@@ -222,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "architecture: " + ", ".join(f"{a.title} {a.lr or a.paper_lr:g} (paper {a.paper_lr:g})"
                                                 for a in ARCHITECTURES.values()) + ")")
     ft.add_argument("--freeze", default="none", choices=["none", "encoders", "text"])
+    ft.add_argument("--server", default=None, help="teach on a `medvlsm serve --teach-dir` server (URL) instead of "
+                    "here (--volumes/--segmentations): the model stays there, yours alone, named in the answer")
+    ft.add_argument("--token-file", default=None, help="file holding the server's bearer token (for --server)")
     ft.add_argument("--adapt", action="store_true",
                     help="train the decoder only, on image features encoded once (frozen encoders): minutes on a "
                          "CPU instead of hours")
@@ -279,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--result-cache-mb", type=_positive_int, default=4096,
                     help="finished results kept in memory until their client fetches them (oldest out first; "
                     "also gone after --volume-ttl)")
+    sv.add_argument("--teach-dir", default=None, metavar="DIR",
+                    help="let clients teach models on their labelled cases (POST /teach); each client's models go "
+                    "to DIR/<client>/ and are that client's alone (default: this server does not teach)")
+    sv.add_argument("--max-models-per-client", type=_positive_int, default=5,
+                    help="taught models a client may keep in --teach-dir (a full CLIPSeg is ~600 MB)")
+    sv.add_argument("--max-teach-epochs", type=_positive_int, default=200, help="epochs one teach job may ask for")
     sv.add_argument("--replicas", type=_positive_int, default=0, help="serve on Ray Serve with this many model "
                     "replicas (one per GPU with --gpus-per-replica 1); a volume's runs stay on the replica that "
                     "cached it")
@@ -461,7 +475,8 @@ def cmd_serve(args):
                           host=args.host, device=args.device, max_upload_bytes=args.max_upload_mb << 20,
                           volume_cache_bytes=args.volume_cache_mb << 20, volume_ttl_s=args.volume_ttl,
                           job_timeout_s=args.job_timeout, max_jobs_per_client=args.max_runs_per_client,
-                          result_cache_bytes=args.result_cache_mb << 20)
+                          result_cache_bytes=args.result_cache_mb << 20, teach_dir=args.teach_dir,
+                          max_models_per_client=args.max_models_per_client, max_teach_epochs=args.max_teach_epochs)
     who = f"bearer tokens of {len(config.tokens)} client(s)" if config.tokens else "no token: this computer only"
     if args.replicas:
         from . import ray_serve
@@ -689,6 +704,10 @@ def cmd_finetune(args):
     from . import training
 
     _check_prompt_types(args.prompt_type, allow_random=True)
+    if args.server:
+        return _teach_on_server(args)
+    if not args.output:
+        raise InputError("finetune needs --output", "Give the folder for the new model")
     model = _starting_model(args)
     spec = model.spec
     if args.volumes or args.segmentations:
@@ -699,7 +718,7 @@ def cmd_finetune(args):
         pairs = read_volume_folder(args.volumes, args.segmentations, _label_names(args.label_names))[: args.limit]
         resize = args.resize or "letterbox"
         train, val = training.train_val_split(pairs, args.val_fraction, lambda ps: training.samples_from_volumes(
-            ps, spec, args.plane, args.empty_fraction, args.seed, resize))
+            ps, spec, args.plane, args.empty_fraction, args.seed, resize, args.labels))
     elif args.train:
         if not (args.images and args.masks):
             raise InputError("--train needs --images and --masks", "Give the image and mask folders")
@@ -763,14 +782,30 @@ def _starting_model(args):
     return arch.random(args.size, name=Path(args.output).name, seed=args.seed)
 
 
-def finetune_command(python: str, folder, output, model: str = "", epochs: int = 30, plane: str = "axial") -> list:
-    """The out-of-process training command on a folder of ``volumes/`` and ``segmentations/`` (Slicer
-    runs it with ``PythonSlicer``)."""
-    folder = Path(folder)
-    argv = [python, "-m", "medvlsm.cli", "finetune", "--volumes", str(folder / "volumes"), "--segmentations",
-            str(folder / "segmentations"), "--output", str(output), "--epochs", str(epochs), "--plane", plane,
-            "--prompt-type", "p1", "p4", "p5"]
-    return argv + (["--model", model] if model else [])
+def _teach_on_server(args) -> None:
+    """``finetune --server``: upload the cases once, teach there, follow the curve here."""
+    from .client import Client, read_token
+    from .datasets import read_volume_folder
+    from .teaching import LabelledArrays, TeachSettings
+
+    if not (args.volumes and args.segmentations):
+        raise InputError("--server teaches on volumes", "Give --volumes and --segmentations")
+    if args.output:
+        raise InputError("--server keeps the model on the server", "Leave out --output; the answer names the model")
+    pairs = read_volume_folder(args.volumes, args.segmentations, _label_names(args.label_names))[: args.limit]
+    cases = [LabelledArrays(pair.name, *pair.load()) for pair in pairs]
+    settings = TeachSettings(mode="adapt" if args.adapt else "finetune", epochs=args.epochs, plane=args.plane,
+                             labels=args.labels)
+    client = Client(args.server, read_token(args.token_file))
+    log.info("teaching on %s: %d case(s), %s, %d epochs", args.server, len(cases), settings.mode, settings.epochs)
+
+    def epoch(row):
+        log.info("epoch %d: train loss %.4f, held-out Dice %.4f", row["epoch"], row["train_loss"], row["val_dice"])
+
+    name, summary = client.teach(cases, settings, args.model, on_epoch=epoch)
+    print(f"Taught {name} on {args.server} (yours alone there): held-out Dice {summary['best_val_dice']:.4f} "
+          f"(epoch {summary['best_epoch']} of {summary['epochs']}). Use it: medvlsm segment ... --server "
+          f"{args.server} --model {name}")
 
 
 COMMANDS = {"finetune": cmd_finetune, "segment": cmd_segment, "serve": cmd_serve, "models": cmd_models, "demo": cmd_demo, "download": cmd_download,

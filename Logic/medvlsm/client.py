@@ -22,6 +22,7 @@ from .errors import Cancelled, InputError, MedVLSMError
 from .result import SegmentationResult
 
 POLL_S = 0.05
+TEACH_POLL_S = 0.5  # a teach takes minutes: twice a second is plenty
 
 
 def read_token(path) -> str | None:
@@ -68,7 +69,7 @@ class Client:
             except ValueError:
                 reason = ""
             fixes = {401: "Check the token (Settings: server token file)",
-                     429: "Run again when your earlier runs on the server have finished"}
+                     429: "Wait for your earlier runs or teaching on the server to finish (or delete a model)"}
             raise ServerError(f"The server answered {e.code}: {reason or e.reason}",
                               fixes.get(e.code, "Check the server address, token and request")) from e
         except (urllib.error.URLError, OSError) as e:
@@ -110,6 +111,54 @@ class Client:
         if status["state"] == "failed":
             raise ServerError(f"The server could not segment: {status['error']}", "See the message; fix and run again")
         return self._result(volume, request, job)
+
+    def upload_labels(self, volume, masks, names) -> str:
+        """A case's segments (``masks [S, K, J, I]`` on ``volume``'s grid) under their key; uploaded only
+        if the server does not hold them yet."""
+        layers = np.ascontiguousarray(masks, np.uint8)
+        key = wire.labels_fingerprint(volume, layers, names)
+        if self._call("HEAD", f"/labels/{key}")[0] != 200:
+            body = wire.encode(volume, layers, {"names": json.dumps(list(names))})
+            self._call("PUT", f"/labels/{key}", body, "application/octet-stream")
+        return key
+
+    def teach(self, cases, settings, model: str | None = None, *, progress=None, on_epoch=None,
+              cancel=None) -> tuple[str, dict]:
+        """Teach a model there on ``cases`` (``teaching.LabelledArrays``: volume, masks, names) with
+        ``settings`` (``teaching.TeachSettings``; the server's device is used). ``progress(done, total)``
+        per step, ``on_epoch(row)`` per finished epoch; ``cancel()`` returning True cancels it there (no
+        model is kept) and raises ``Cancelled``. Returns (the new model's name there, its summary): the
+        model is this client's alone, usable by name in ``segment``."""
+        settings.check()
+        body = {"cases": [{"volume": self.upload(case.volume),
+                           "labels": self.upload_labels(case.volume, case.masks, case.names)} for case in cases],
+                "model": model, "mode": settings.mode, "epochs": settings.epochs, "plane": settings.plane,
+                "labels": settings.labels}
+        job = json.loads(self._call("POST", "/teach", json.dumps(body).encode())[1])["job"]
+        seen = 0
+        while True:
+            status = json.loads(self._call("GET", f"/teach/{job}")[1])
+            if progress is not None and status["total"]:
+                progress(status["done"], status["total"])
+            for row in status["curve"][seen:]:
+                if on_epoch is not None:
+                    on_epoch(row)
+            seen = len(status["curve"])
+            if status["state"] in ("done", "failed", "cancelled"):
+                break
+            if cancel is not None and cancel():
+                self._call("DELETE", f"/teach/{job}")
+                raise Cancelled()
+            time.sleep(TEACH_POLL_S)
+        try:
+            self._call("DELETE", f"/teach/{job}")
+        except ServerError:
+            pass
+        if status["state"] == "cancelled":
+            raise Cancelled(status["error"])
+        if status["state"] == "failed":
+            raise ServerError(f"The server could not teach: {status['error']}", "See the message; fix and teach again")
+        return status["model"], status["summary"]
 
     def _result(self, volume, request, job: str) -> SegmentationResult:
         values = int(np.prod(volume.shape)) * max(1, len(request.prompts))  # one uint8 layer per prompt

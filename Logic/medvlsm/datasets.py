@@ -165,3 +165,13 @@ def read_volume_folder(volumes, segmentations, label_names: dict | None = None) 
         raise InputError(f"No volume in {volumes} has a segmentation of the same name in {segmentations}",
                          "Name them alike, e.g. case1.nii.gz and case1.seg.nrrd")
     return pairs
+
+
+LABELS = ("partial", "complete")  # which slices of a volume are ground truth: see training.samples_from_volumes
+REVIEWED = "reviewed"
+
+
+def is_reviewed(name: str) -> bool:
+    """The segment that marks slices reviewed as holding none of the structures (partial labels):
+    paint anything on such a slice in a segment named ``reviewed``. It is never taught as a prompt."""
+    return name.strip().lower() == REVIEWED

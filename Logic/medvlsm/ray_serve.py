@@ -44,11 +44,11 @@ class Segmenter:
     def __init__(self, config: ServerConfig):
         from .server import LocalEngines
 
-        self.engines = LocalEngines(config).engines
+        self.engines = LocalEngines(config)
 
     async def segment(self, volume, request, model: str):
         # in a thread: the replica's event loop keeps answering Ray (health checks, cancellation)
-        result = await asyncio.to_thread(self.engines[model].segment, volume, request)
+        result = await asyncio.to_thread(self.engines.engine(model).segment, volume, request)
         result.device = f"{result.device}, replica {serve.get_replica_context().replica_id.unique_id}"
         return result
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_open, atomic_path
+from .datasets import LABELS
 from .errors import InputError
 from .negatives import NEGATIVE_RATIO, NegativePrompts, empty_cells
 from .preprocess import Letterbox, to_model_input
@@ -123,46 +124,76 @@ def samples_from_annotations(items, spec, resize: str = "stretch") -> list[Sampl
 
 
 def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: float = 0.1, seed: int = 42,
-                         resize: str = "letterbox") -> list[Sample]:
+                         resize: str = "letterbox", labels: str = "partial") -> list[Sample]:
     """Volumes + segmentations -> 2D samples along ``plane``, one per (slice, structure); ``plane``
     ``all``: the slices of the three planes, so one model serves multi-planar fusion.
 
     Prompts: the segment name as p1, plus the ladder p2..p6 built from the slice mask's geometry.
-    Slices where a structure is absent are kept as ``empty_fraction`` x the present ones, so the
-    model learns to answer "nothing here"; each sample records the case's other structures absent
-    from its slice (negative prompts, ``negatives.py``).
+    Each sample records the case's other structures absent from its slice (negative prompts,
+    ``negatives.py``).
+
+    ``labels``: which slices are ground truth. ``partial`` (the default, how a radiologist labels):
+    only *labelled* slices of ``plane``, the plane the labels were drawn in — those holding a voxel of
+    any segment, or of the ``reviewed`` segment that marks slices reviewed as holding none — and on
+    such a slice, a segment absent from it is absent (every structure taught is labelled wherever it
+    is on a labelled slice). An unlabelled slice is never a negative; a structure's absent labelled
+    slices are all kept. (The other planes' slices cross unlabelled ones: ``all`` is refused; a
+    plane other than the one labelled in cannot be told from the voxels, and is the user's word.)
+    ``complete``:
+    every slice of the volume is labelled (an empty slice says "nothing here"); slices without the
+    structure are kept at ``empty_fraction`` x the slices with it.
     """
     from .request import ALL_PLANES
     from .volume import PLANES, SliceView
 
+    if labels not in LABELS:
+        raise InputError(f"Unknown labels '{labels}'", f"Choose one of: {', '.join(LABELS)}")
+    if labels == "partial" and plane == ALL_PLANES:
+        raise InputError("Partial labels are whole only on the slices they were drawn on; the other planes' "
+                         "slices cross unlabelled ones", "Teach along the plane you labelled in (--plane axial), or "
+                         "say --labels complete if every slice is labelled")
     rng = random.Random(seed)
     out = []
     for pair in pairs:
         volume, masks, names = pair.load()
+        masks, names, labelled = _split_reviewed(masks, names)
+        planes = PLANES if plane == ALL_PLANES else (plane,)
         window = choose_window(volume)
-        for one_plane in PLANES if plane == ALL_PLANES else (plane,):
-            out += _plane_samples(pair.name, (volume, masks, names), SliceView(volume, one_plane),
-                                  (spec, resize, window), empty_fraction, rng)
+        for one_plane in planes:
+            view = SliceView(volume, one_plane)
+            rows = view.view(labelled).any(axis=(1, 2)) if labels == "partial" else None
+            out += _plane_samples(pair.name, (volume, masks, names, rows), view, (spec, resize, window),
+                                  empty_fraction, rng)
     if not out:
         raise InputError("The segmentations hold no labelled voxels", "Check that the segments are not empty")
     return out
 
 
+def _split_reviewed(masks, names) -> tuple:
+    """-> (the structures' masks, their names, the union of every segment incl. ``reviewed``)."""
+    from .datasets import is_reviewed
+
+    keep = [i for i, name in enumerate(names) if not is_reviewed(name)]
+    return masks[keep], [names[i] for i in keep], masks.any(axis=0)
+
+
 def _plane_samples(case: str, loaded, view, recipe, empty_fraction: float, rng) -> list[Sample]:
-    """One volume's samples along ``view``'s plane (``loaded``: volume, masks, names; ``recipe``: spec,
-    resize, window)."""
+    """One volume's samples along ``view``'s plane (``loaded``: volume, masks, names, and which slices
+    are labelled, None: all; ``recipe``: spec, resize, window)."""
     from .volume import Volume
 
-    volume, masks, names = loaded
+    volume, masks, names, labelled_rows = loaded
     spec, resize, window = recipe
     image = view.view(volume.array)
     out = []
     views = [view.view(m) for m in masks]
+    labelled = range(view.num_slices) if labelled_rows is None else np.flatnonzero(labelled_rows).tolist()
     for mview, name in zip(views, names):
-        present = [s for s in range(view.num_slices) if mview[s].any()]
-        absent = [s for s in range(view.num_slices) if not mview[s].any()]
-        chosen = present + rng.sample(absent, min(len(absent), int(round(empty_fraction * len(present)))))
-        for s in sorted(chosen):
+        present = [s for s in labelled if mview[s].any()]
+        absent = [s for s in labelled if not mview[s].any()]
+        if labelled_rows is None:
+            absent = rng.sample(absent, min(len(absent), int(round(empty_fraction * len(present)))))
+        for s in sorted(present + absent):
             g = geometry_attributes(mview[s])
             prompts = ladder(Attributes(name, size=g["size"], number=g["number"], location=g["location"]))
             slice_volume = Volume(np.ascontiguousarray(image[s][None]), (view.pixel_spacing[1], view.pixel_spacing[0], 1.0))
@@ -177,12 +208,20 @@ def _plane_samples(case: str, loaded, view, recipe, empty_fraction: float, rng) 
 def train_val_split(pairs: list, val_fraction: float, samples) -> tuple[list, list]:
     """Volumes -> (training, validation) samples (``samples(pairs)`` slices them): whole volumes are
     held out (``val_fraction`` of them, at least one), so no slice of a validation patient is trained
-    on; a single volume holds out every fifth sample instead."""
+    on; a single volume holds out every fifth of its labelled slices instead (each with all its
+    structures: no slice is both trained on and measured)."""
     if len(pairs) < 2:
         everything = samples(pairs)
-        return [s for i, s in enumerate(everything) if i % 5], everything[::5]
+        slices = sorted({slice_of(s) for s in everything}, key=lambda key: (key[0], int(key[1])))
+        held = set(slices[::5])
+        return [s for s in everything if slice_of(s) not in held], [s for s in everything if slice_of(s) in held]
     n_val = max(1, int(round(val_fraction * len(pairs))))
     return samples(pairs[n_val:]), samples(pairs[:n_val])
+
+
+def slice_of(sample: Sample) -> tuple:
+    """(plane, slice index) from a volume sample's name ``case:structure:plane:slice``."""
+    return tuple(sample.name.rsplit(":", 2)[1:])
 
 
 def pick_prompt(sample: Sample, prompt_types, rng: random.Random) -> str:
@@ -328,9 +367,13 @@ def _dice(logits, masks, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
-def finetune(model, train: list[Sample], val: list[Sample], output, config: TrainConfig, progress=None) -> dict:
+def finetune(model, train: list[Sample], val: list[Sample], output, config: TrainConfig, progress=None,
+             on_epoch=None, about: dict | None = None) -> dict:
     """Train ``model`` in place; write the best model folder, card, curves and a resumable checkpoint.
 
+    ``progress(epoch, step, steps_per_epoch)`` after each step and ``on_epoch(row)`` after each epoch
+    (train loss, held-out loss and Dice) may raise ``Cancelled`` to stop. ``about``: what the model
+    card should also say (the cases and prompts it saw).
     Returns a summary: best validation Dice and its epoch, epochs run, steps per epoch, seconds.
     """
     from monai.losses import DiceCELoss
@@ -458,6 +501,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, tmp)
             write_curves(state["history"], output)
+            if on_epoch is not None:
+                on_epoch(row)
         if rank == 0:  # one line per epoch, not one per process
             log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f%s", epoch, row["train_loss"],
                      val_loss, val_dice, " (best)" if improved else "")
@@ -473,7 +518,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     summary = {"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
                "steps_per_epoch": steps_per_epoch, "world_size": world, "seconds": time.perf_counter() - started,
                "cpu_seconds": time.process_time() - cpu_started,
-               "train_samples": len(train), "val_samples": len(val), "base_model": base_name}
+               "train_samples": len(train), "val_samples": len(val), "base_model": base_name, **(about or {})}
     if rank == 0:
         write_model_card(output, model, config, summary)
     return summary
@@ -538,11 +583,15 @@ def write_curves(history: list[dict], output: Path) -> None:
     plt.close(fig)
 
 
+CARD_EXTRAS = ("cases", "prompts", "labels")  # what a caller's ``about`` may add to the card
+
+
 def write_model_card(output: Path, model, config: TrainConfig, summary: dict) -> None:
     n_train, n_val, base_name = summary["train_samples"], summary["val_samples"], summary["base_model"]
     spec = json.loads((output / "medvlsm.json").read_text(encoding="utf-8")) if (output / "medvlsm.json").is_file() else {}
     spec.update(name=model.spec.name, trained=True, parameters_m=model.spec.parameters_m, resize=config.resize,
-                description=f"Finetuned with medvlsm on {n_train} samples from {base_name}")
+                description=f"Finetuned with medvlsm on {n_train} samples from {base_name}",
+                **{key: value for key, value in summary.items() if key in CARD_EXTRAS})
     with atomic_open(output / "medvlsm.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(spec, indent=2))
     card = [
@@ -559,7 +608,9 @@ def write_model_card(output: Path, model, config: TrainConfig, summary: dict) ->
         f"| best validation Dice | {summary['best_val_dice']:.4f} |",
         f"| batch size, lr, weight decay | {config.batch_size}, {config.lr:g}, {config.weight_decay:g} |",
         f"| frozen | {config.freeze} |",
-        f"| processes | {summary['world_size']} |", "",
+        f"| processes | {summary['world_size']} |",
+        *(f"| {key} | {', '.join(map(str, value)) if isinstance(value, list) else value} |"
+          for key, value in summary.items() if key in CARD_EXTRAS), "",
         "Loss: Dice + 0.2 x BCE on logits (MONAI DiceCELoss, sigmoid=True). Curves: `training_curves.png`, "
         "`training_log.csv`. Use: `medvlsm segment IMAGE --model THIS_FOLDER --prompt ...`.",
         "", "```json", json.dumps(asdict(config), indent=2), "```",

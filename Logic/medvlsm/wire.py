@@ -62,6 +62,17 @@ def encode(grid: Volume, array: np.ndarray | None = None, fields: dict | None = 
     return out.getvalue()
 
 
+def labels_fingerprint(grid: Volume, layers: np.ndarray, names) -> str:
+    """The key of a case's labels on the server (``PUT /labels/{key}``): uint8 layers ``[S, K, J, I]``,
+    their grid and names, as ``Volume.fingerprint`` keys a volume."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(layers, np.uint8).data)
+    h.update(repr((layers.shape, grid.ijk_to_lps().round(6).tolist(), list(names))).encode())
+    return h.hexdigest()
+
+
 def grid_header(grid: Volume, array: np.ndarray, fields: dict | None = None) -> dict:
     """The NRRD header of ``array`` on ``grid`` (LPS; the axes as ``encode`` describes them)."""
     directions = (grid.direction @ np.diag(grid.spacing)).T  # rows: i, j, k steps in LPS mm

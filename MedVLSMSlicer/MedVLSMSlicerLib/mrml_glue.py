@@ -235,6 +235,10 @@ def _nodes(scene) -> list:
     return [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
 
 
+def nodes_of_class(scene, class_name: str) -> list:
+    return [node for node in _nodes(scene) if node.IsA(class_name)]
+
+
 def remove_if_present(scene, nodes) -> None:
     """Remove these node *objects* if the scene still holds them. Never by ID: a closed scene
     (``vtkMRMLScene::Clear``) resets its ID counters, so the next patient's nodes reuse the IDs."""

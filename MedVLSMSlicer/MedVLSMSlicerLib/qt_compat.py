@@ -60,3 +60,15 @@ def timer(interval_ms: int, callback):
 def item_text(item) -> str:
     """QListWidgetItem is no QObject (no ``property``): PythonQt exposes text as a property."""
     return item.text() if callable(getattr(item, "text", None)) else item.text
+
+
+def add_checkable_item(list_widget, text: str, checked: bool = False) -> None:
+    core = QtCore()
+    item = QtWidgets().QListWidgetItem(text)
+    item.setFlags(item.flags() | core.Qt.ItemIsUserCheckable)
+    item.setCheckState(core.Qt.Checked if checked else core.Qt.Unchecked)
+    list_widget.addItem(item)
+
+
+def item_checked(item) -> bool:
+    return item.checkState() == QtCore().Qt.Checked

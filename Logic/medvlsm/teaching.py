@@ -1,0 +1,112 @@
+"""Teaching a new model on a few labelled cases: what Slicer's Teach section, the server's teach jobs
+and ``medvlsm finetune --server`` share.
+
+A case is a volume with named masks on its grid (``LabelledArrays``). Only labelled slices are data
+(``training.samples_from_volumes``, partial labels by default); the held-out slices for the learning
+curve come from ``training.train_val_split``. The model is trained (``training.finetune``; Adapt = the
+decoder only, on image features encoded once) into a hidden staging folder beside the destination and
+renamed onto it when complete: a cancelled or failed teach leaves no model folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .datasets import LABELS, is_reviewed
+from .errors import Cancelled, InputError
+from .volume import PLANES
+
+MODES = {"adapt": "Adapt: decoder only, minutes on a CPU", "finetune": "Finetune: all layers, for a GPU"}
+VAL_FRACTION = 0.2  # with several cases: this share of whole cases is held out
+
+
+@dataclass
+class TeachSettings:
+    mode: str = "adapt"
+    epochs: int = 10
+    plane: str = "axial"
+    labels: str = "partial"  # or "complete": every slice of each case is labelled
+    device: str = "auto"
+
+    def check(self, max_epochs: int = 1000) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"Unknown teach mode '{self.mode}'", f"Choose one of: {', '.join(MODES)}")
+        if not 1 <= self.epochs <= max_epochs:
+            raise InputError(f"Epochs must be 1..{max_epochs}, got {self.epochs}", "Set the number of epochs")
+        if self.plane not in PLANES:
+            raise InputError(f"Teach along one plane, not '{self.plane}'", f"Choose one of: {', '.join(PLANES)}")
+        if self.labels not in LABELS:
+            raise InputError(f"Unknown labels '{self.labels}'", f"Choose one of: {', '.join(LABELS)}")
+
+
+@dataclass
+class LabelledArrays:
+    """One case in memory: a volume and its named masks ``[S, K, J, I]`` on its grid (``load`` as the
+    file-based ``datasets.LabelledVolume``)."""
+
+    name: str
+    volume: object
+    masks: object
+    names: list
+
+    def load(self):
+        return self.volume, self.masks, self.names
+
+
+def versioned_folder(models_folder, base_model: str) -> Path:
+    """``models_folder/<base>-taught-<N>`` with the first N not taken."""
+    stem = Path(str(base_model).rstrip("/\\")).name.split("-taught-")[0] or "model"
+    n = 1
+    while (Path(models_folder) / f"{stem}-taught-{n}").exists():
+        n += 1
+    return Path(models_folder) / f"{stem}-taught-{n}"
+
+
+def teach_model(model, cases: list, settings: TeachSettings, folder, *, progress=None, on_epoch=None,
+                cancelled=lambda: False, pause=lambda: None) -> dict:
+    """Train ``model`` (the loaded base) on ``cases`` into ``folder`` (absent, or an empty directory
+    reserved for it). ``progress(done, total)`` per step and ``on_epoch(row)`` per epoch; ``cancelled()``
+    is asked at each and ``Cancelled`` raised; ``pause()`` runs before each step (the server waits there
+    while segmentation runs). Returns the training summary."""
+    from . import training
+
+    settings.check()
+    folder = Path(folder)
+    train, val = training.train_val_split(cases, VAL_FRACTION, lambda some: training.samples_from_volumes(
+        some, model.spec, settings.plane, labels=settings.labels))
+    if not train or not val:
+        slices = len({training.slice_of(sample) for sample in train + val})
+        raise InputError(f"{slices} labelled slice(s): too few to teach and measure",
+                         "Label the structures on at least 2 slices (one is held out to measure the model)")
+    config = training.TrainConfig(epochs=settings.epochs, adapt=settings.mode == "adapt", device=settings.device,
+                                  prompt_types=["p1"], resize="letterbox")
+
+    def step(epoch, done, steps):
+        if cancelled():
+            raise Cancelled()
+        pause()
+        if progress is not None:
+            progress((epoch - 1) * steps + done, settings.epochs * steps)
+
+    def epoch_done(row):
+        if on_epoch is not None:
+            on_epoch(row)
+        if cancelled():
+            raise Cancelled()
+
+    prompts = sorted({name for case in cases for name in case.names if not is_reviewed(name)})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".teaching-", dir=folder.parent))
+    try:
+        summary = training.finetune(model, train, val, staging / folder.name, config, step, epoch_done,
+                                    about={"cases": [case.name for case in cases], "prompts": prompts,
+                                           "labels": settings.labels})
+        shutil.rmtree(staging / folder.name / "checkpoint", ignore_errors=True)  # nothing resumes a teach
+        os.replace(staging / folder.name, folder)  # onto an empty reserved directory too (POSIX rename)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
