@@ -45,3 +45,20 @@ def test_the_readme_figure_is_regenerated_by_its_script(tmp_path):
 
     result = readme_figure.main(["--epochs", "1", "--input-size", "96", "--output", str(tmp_path / "figure.png")])
     assert (tmp_path / "figure.png").stat().st_size > 10_000 and 0.0 <= result["dice"] <= 1.0
+
+
+def test_the_teach_bench_and_figure_run(tmp_path):
+    """`python bench/teach.py` and `python bench/teach_figure.py` (README): smoke runs, the tiny model."""
+    from conftest import SHARED_DATA
+
+    import teach
+
+    results = teach.main(["--quick", "--json", str(tmp_path / "teach.json")])
+    assert {(r["mode"], r["labelled_slices"]) for r in results["runs"]} == {("adapt", 2), ("finetune", 2)}
+    assert all(0 <= r["held_out_dice"] <= 1 and set(r["own_dice"]) == {"liver", "spleen"} for r in results["runs"])
+    if not (SHARED_DATA / "pyradiomics" / "lung1_image.nrrd").is_file():
+        pytest.skip("../shared/data/pyradiomics is absent (the shared real-data folder beside the checkout)")
+    import teach_figure
+
+    made = teach_figure.main(["--epochs", "1", "--size", "tiny", "--output", str(tmp_path / "teach.png")])
+    assert made["status"].startswith("Taught ") and (tmp_path / "teach.png").stat().st_size > 50_000

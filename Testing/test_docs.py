@@ -68,7 +68,7 @@ RUN_ELSEWHERE = {
     "serve": ("test_server_hostile.py", "test_ray_serve.py"),  # a server process / Ray replicas
     "NAME": ("test_cli.py",),  # `download NAME`: the placeholder; a real name runs below, from the cache
     "demo": ("test_cli.py",),
-    "--server": ("test_server.py",),  # a client run against a served model
+    "--server": ("test_server.py", "test_server_teach.py"),  # a client run against a served model
     "FOLDER_OR_CSV": ("test_server.py", "test_cli.py"),  # a cohort
     "--resume": ("test_finetune.py",),  # needs an interrupted run first
     "--size full": ("test_architectures.py",),  # full-size models: 600 MB each on disk

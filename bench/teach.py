@@ -8,7 +8,7 @@ seconds, for Adapt (decoder only, features encoded once) and Finetune (all layer
   n of the structure's slices, measured on the volume's other slices (the rest of the structure and
   every empty slice, so false positives count).
 
-    python bench/teach.py                    # ~20 minutes on a 2-core CPU
+    python bench/teach.py                    # ~25 minutes on a 2-core CPU
     python bench/teach.py --quick            # a smoke run (tests)
 
 The model is the small CLIPSeg (3.6 M parameters) from random weights: no pretrained weights are
@@ -69,8 +69,11 @@ def dice(a, b) -> float:
     return float(2 * (a & b).sum() / total) if total else 1.0
 
 
-def teach_once(train_case, test_case, test_slices, mode: str, epochs: int, spec_size: str):
-    """-> (row of results, curve [(seconds, held-out Dice)])."""
+def teach_once(train_case, test_case, test_slices, mode: str, steps: int, spec_size: str, input_size: int):
+    """``steps`` optimiser steps (as epochs of the training slices: a few slices need many epochs)
+    -> (row of results, curve [(seconds, held-out Dice)])."""
+    import math
+
     from medvlsm import training
     from medvlsm.engine import Engine
     from medvlsm.models import load_model
@@ -78,7 +81,9 @@ def teach_once(train_case, test_case, test_slices, mode: str, epochs: int, spec_
     from medvlsm.teaching import LabelledArrays
 
     model = CLIPSeg.random(spec_size, seed=0)
+    model.spec.input_size = input_size
     train = training.samples_from_volumes([LabelledArrays("train", *train_case)], model.spec)
+    epochs = max(1, round(steps / math.ceil(len(train) / 16)))
     volume, masks, names = test_case
     held = LabelledArrays("held-out", volume, labelled_on(masks, test_slices), names)
     val = training.samples_from_volumes([held], model.spec)
@@ -97,25 +102,27 @@ def teach_once(train_case, test_case, test_slices, mode: str, epochs: int, spec_
              for q in range(len(names)) if q != p}
     return {"held_out_dice": round(summary["best_val_dice"], 4), "own_dice": own, "other_dice": other,
             "seconds": round(time.perf_counter() - start, 1), "train_samples": len(train),
-            "epochs": summary["epochs"]}, curve
+            "epochs": summary["epochs"], "steps": summary["epochs"] * summary["steps_per_epoch"]}, curve
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two slice counts, two epochs, the synthetic case only")
-    p.add_argument("--adapt-epochs", type=int, default=20)
-    p.add_argument("--finetune-epochs", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="a smoke run: the tiny model, one slice count, two steps, "
+                   "the synthetic case only")
+    p.add_argument("--adapt-steps", type=int, default=200)
+    p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--size", default="small", help="CLIPSeg size from random weights (default small)")
+    p.add_argument("--input-size", type=int, default=160, help="the model's input (default 160: CPU time)")
     p.add_argument("--json", default=str(HERE / "results" / "teach.json"))
     args = p.parse_args(argv)
     from bench_engine import machine
 
-    epochs = {"adapt": args.adapt_epochs, "finetune": args.finetune_epochs}
+    steps = {"adapt": args.adapt_steps, "finetune": args.finetune_steps}
     if args.quick:
-        epochs = {"adapt": 2, "finetune": 1}
+        steps, args.size, args.input_size = {"adapt": 2, "finetune": 1}, "tiny", 64
     train, test = synthetic_case(1), synthetic_case(2)
     present = [k for k in range(train[1].shape[1]) if train[1][:, k].any()]
-    counts = (1, 2) if args.quick else (1, 2, 5, 10, 20)
+    counts = (2,) if args.quick else (1, 2, 5, 10, 20)
     datasets = {"synthetic liver + spleen (same brightness)": [
         (n, (train[0], labelled_on(train[1], present[:: max(1, len(present) // n)][:n]), train[2]), test,
          list(range(test[0].shape[0]))) for n in counts]}
@@ -131,13 +138,14 @@ def main(argv=None):
                 held = [k for k in range(case[0].shape[0]) if k not in chosen]
                 rows.append((n, (case[0], labelled_on(case[1], chosen), case[2]), case, held))
             datasets[f"pyradiomics {name} ({structure}, {len(slices)} slices)"] = rows
-    results = {"machine": machine(), "model": f"CLIPSeg {args.size}, random weights", "epochs": epochs,
-               "runs": [], "curves": {}}
-    print(f"Machine: {results['machine']}; {results['model']}; epochs {epochs}", flush=True)
+    results = {"machine": machine(), "model": f"CLIPSeg {args.size}, random weights, input {args.input_size}",
+               "steps": steps, "runs": [], "curves": {}}
+    print(f"Machine: {results['machine']}; {results['model']}; optimiser steps {steps}", flush=True)
     for dataset, rows in datasets.items():
         for n, train_case, test_case, test_slices in rows:
             for mode in ("adapt", "finetune"):
-                row, curve = teach_once(train_case, test_case, test_slices, mode, epochs[mode], args.size)
+                row, curve = teach_once(train_case, test_case, test_slices, mode, steps[mode], args.size,
+                                        args.input_size)
                 row.update(dataset=dataset, labelled_slices=n, mode=mode)
                 results["runs"].append(row)
                 if n == max(r[0] for r in rows):

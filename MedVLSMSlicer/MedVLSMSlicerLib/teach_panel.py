@@ -96,7 +96,7 @@ class TeachController:
         self.show_chart(self.curve.chart)
         self.ui["teachButton"].setText("Cancel")
         self.ui["teachProgressBar"].setValue(0)
-        self.status(f"Teaching {settings.mode} on {', '.join(c.name for c in cases)}...")
+        self.status(f"Teaching ({settings.mode}, along {settings.plane}) on {', '.join(c.name for c in cases)}...")
         self.timer.start()
 
     def poll(self) -> None:

@@ -31,21 +31,15 @@ log = logging.getLogger("medvlsm")
 FINISHED = ("done", "failed", "cancelled")
 
 
-class ServerJob:
-    """One run on the server: progress, cancel, result, error (read by the client's polls)."""
+class BackgroundJob:
+    """What the server's jobs share: a client, a deadline, cancel, progress and how a job ends."""
 
-    def __init__(self, client: str, volume, request: Request, deadline: float):
-        self.client, self.volume, self.request, self.deadline = client, volume, request, deadline
-        self.progress = (0, request.slices[1] - request.slices[0])
-        self.state = "queued"
-        self.error = ""
-        self.result = None
+    def __init__(self, client: str, deadline: float):
+        self.client, self.deadline = client, deadline
+        self.progress = (0, 0)
+        self.state, self.error = "queued", ""
         self.finished_at = None  # time.monotonic() when it ended, however it ended
         self._cancel = threading.Event()
-
-    @property
-    def result_bytes(self) -> int:
-        return 0 if self.result is None else self.result.probabilities.nbytes
 
     def cancelled(self) -> bool:
         return self._cancel.is_set() or time.monotonic() > self.deadline
@@ -53,24 +47,50 @@ class ServerJob:
     def report(self, done, total) -> None:
         self.progress = (done, total)
 
-    def run(self, runner, model: str) -> None:
-        """``runner(job, model)`` segments (``LocalEngines`` here, ``ray_serve.RayRunner`` on Ray)."""
+    def _run(self, work, what: str, release) -> None:
+        """``work()``, then its state: done, cancelled (by the client or the deadline) or failed with one
+        line; ``release(state)`` lets go of what the job held, whatever happened."""
         self.state = "running"
         state, error = "failed", ""
         try:
-            self.result = runner(self, model)
+            work()
             state = "done"
         except Cancelled:
             state, error = "cancelled", "timed out" if not self._cancel.is_set() else "cancelled by the client"
         except MedVLSMError as e:
             error = str(e)
         except Exception as e:  # a bug of ours (client input is refused before a job starts): one log line
-            log.error("A run failed", exc_info=e)
+            log.error("A %s failed", what, exc_info=e)
             error = f"unexpected {e.__class__.__name__} on the server"
         finally:
-            self.volume = None  # the store keeps the volume; the job needs only its result
+            release(state)
             self.finished_at = time.monotonic()
-            self.error, self.state = error, state  # the state last: whoever sees it finished sees finished_at
+            self.error, self.state = error, state  # the state last: whoever sees it finished sees the rest
+
+
+class ServerJob(BackgroundJob):
+    """One run on the server: progress, cancel, result, error (read by the client's polls)."""
+
+    def __init__(self, client: str, volume, request: Request, deadline: float):
+        super().__init__(client, deadline)
+        self.volume, self.request = volume, request
+        self.progress = (0, request.slices[1] - request.slices[0])
+        self.result = None
+
+    @property
+    def result_bytes(self) -> int:
+        return 0 if self.result is None else self.result.probabilities.nbytes
+
+    def run(self, runner, model: str) -> None:
+        """``runner(job, model)`` segments (``LocalEngines`` here, ``ray_serve.RayRunner`` on Ray)."""
+
+        def segment():
+            self.result = runner(self, model)
+
+        def release(state):
+            self.volume = None  # the store keeps the volume; the job needs only its result
+
+        self._run(segment, "run", release)
 
     def status(self) -> dict:
         done, total = self.progress
@@ -253,6 +273,29 @@ def events(status):
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
+def follow_routes(router: APIRouter, path: str, client, jobs: JobStore, what: str) -> None:
+    """``GET path/{id}`` (status), ``path/{id}/events`` (server-sent) and ``DELETE path/{id}`` (cancel a
+    job, or forget a finished one) for a store of this client's jobs."""
+
+    @router.get(path + "/{job_id}")
+    def status(job_id: str, name: str = Depends(client)):
+        return jobs.get(job_id, name).status()
+
+    @router.get(path + "/{job_id}/events", description=f"{what} as server-sent events, one per change, until "
+                "the job ends")
+    async def status_events(job_id: str, name: str = Depends(client)):
+        return events(jobs.get(job_id, name).status)
+
+    @router.delete(path + "/{job_id}")
+    def cancel_or_forget(job_id: str, name: str = Depends(client)):
+        job = jobs.get(job_id, name)
+        if job.finished_at is not None:
+            jobs.forget(job_id)
+        else:
+            job._cancel.set()
+        return job.status()
+
+
 def routes(client, config, volumes, jobs: JobStore, workers, runner, models) -> APIRouter:
     """``runner()``: the current runner (``app.state.runner``, which a Ray replica sets when it starts);
     ``models.engine_name(client, name)``: a served or the client's own model, or an ``InputError``."""
@@ -275,23 +318,7 @@ def routes(client, config, volumes, jobs: JobStore, workers, runner, models) -> 
         workers.submit(job.run, runner(), model)
         return {"job": job_id}
 
-    @router.get("/jobs/{job_id}")
-    def job_status(job_id: str, name: str = Depends(client)):
-        return jobs.get(job_id, name).status()
-
-    @router.get("/jobs/{job_id}/events")
-    async def job_events(job_id: str, name: str = Depends(client)):
-        """Progress as server-sent events, one per change, until the job ends."""
-        return events(jobs.get(job_id, name).status)
-
-    @router.delete("/jobs/{job_id}")
-    def cancel_or_forget_job(job_id: str, name: str = Depends(client)):
-        job = jobs.get(job_id, name)
-        if job.finished_at is not None:
-            jobs.forget(job_id)
-        else:
-            job._cancel.set()
-        return job.status()
+    follow_routes(router, "/jobs", client, jobs, "Progress")
 
     @router.get("/jobs/{job_id}/{kind}")
     def job_result(job_id: str, kind: Literal[RESULT_KINDS], name: str = Depends(client)):

@@ -21,25 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Response
-from fastapi import Request as HTTPRequest
+from fastapi import APIRouter, Depends, HTTPException
 from pydantic import Field
 
 from .. import wire
 from ..datasets import LABELS
-from ..errors import Cancelled, InputError, MedVLSMError
+from ..errors import InputError
 from ..request import MAX_PROMPT_CHARS, MAX_PROMPTS
 from ..teaching import MODES, LabelledArrays, TeachSettings, teach_model
 from ..volume import PLANES
 from .config import VOLUME_KEY
-from .runs import FINISHED, Strict, events
-from .volumes import KEY
+from .runs import BackgroundJob, Strict, follow_routes
+from .volumes import upload_routes
 
 log = logging.getLogger("medvlsm")
 
@@ -91,56 +89,40 @@ class TeachIn(Strict):
     labels: Literal[LABELS] = "partial"
 
 
-class TeachServerJob:
+class TeachServerJob(BackgroundJob):
     """One teach job: progress, the curve, cancel, the new model's name (read by the client's polls)."""
 
     result_bytes = 0  # what JobStore counts: a teach's result is a folder on disk, not memory
 
     def __init__(self, client: str, cases: list, base: str, settings: TeachSettings, folder, deadline: float,
                  runs_waiting):
-        self.client, self.cases, self.base, self.settings = client, cases, base, settings
-        self.folder, self.deadline, self.runs_waiting = folder, deadline, runs_waiting
-        self.progress, self.curve = (0, 0), []
-        self.state, self.error, self.model, self.summary = "queued", "", None, None
-        self.finished_at = None
-        self._cancel = threading.Event()
-
-    def cancelled(self) -> bool:
-        return self._cancel.is_set() or time.monotonic() > self.deadline
+        super().__init__(client, deadline)
+        self.cases, self.base, self.settings = cases, base, settings
+        self.folder, self.runs_waiting = folder, runs_waiting
+        self.curve, self.model, self.summary = [], None, None
 
     def _yield_to_runs(self) -> None:
         """Segmentation first: wait while any run is queued or running (checked before each step)."""
         while self.runs_waiting() and not self.cancelled():
             time.sleep(0.05)
 
-    def _step(self, done, total) -> None:
-        self.progress = (done, total)
-
     def run(self, load_model) -> None:
-        self.state = "running"
-        state, error = "failed", ""
-        try:
+        def teach():
             model = load_model(self.base)
             base_trained = bool(model.spec.trained)  # before training marks the new model trained
-            summary = teach_model(model, self.cases, self.settings, self.folder, progress=self._step,
+            summary = teach_model(model, self.cases, self.settings, self.folder, progress=self.report,
                                   on_epoch=self.curve.append, cancelled=self.cancelled, pause=self._yield_to_runs)
             self.summary = {key: summary[key] for key in ("best_val_dice", "best_epoch", "epochs", "train_samples",
                                                           "val_samples", "seconds")}
             self.summary["base_trained"] = base_trained
-            self.model, state = self.folder.name, "done"
-        except Cancelled:
-            state, error = "cancelled", "timed out" if not self._cancel.is_set() else "cancelled by the client"
-        except MedVLSMError as e:
-            error = str(e)
-        except Exception as e:  # a bug of ours (client input is refused before a job starts): one log line
-            log.error("A teach job failed", exc_info=e)
-            error = f"unexpected {e.__class__.__name__} on the server"
-        finally:
+            self.model = self.folder.name
+
+        def release(state):
             if state != "done":  # the reserved folder goes: no half model is ever listed or served
                 shutil.rmtree(self.folder, ignore_errors=True)
             self.cases = None
-            self.finished_at = time.monotonic()
-            self.error, self.state = error, state  # the state last: whoever sees it finished sees the rest
+
+        self._run(teach, "teach job", release)
 
     def status(self) -> dict:
         done, total = self.progress
@@ -167,21 +149,8 @@ def routes(client, config, volumes, uploads, runs, models) -> APIRouter:
         if models.root is None:
             raise HTTPException(404, "This server does not teach (its operator starts it with --teach-dir DIR)")
 
-    @router.head("/labels/{key}")
-    def has_labels(key: str = KEY, name: str = Depends(client)):
-        teaching_here()
-        if held_labels.get(name, key) is None:
-            raise HTTPException(404, "Upload these labels first")
-        return Response(status_code=200)
-
-    @router.put("/labels/{key}", responses={413: {"description": "over --max-upload-mb, --max-voxels or "
-                                                                "--max-volume-mb"}})
-    async def put_labels(request: HTTPRequest, key: str = KEY, name: str = Depends(client)):
-        """A case's segments as uint8 layers with their names, decoded within the limits."""
-        teaching_here()
-        held_labels.put(name, key, await uploads.receive(request, lambda body, limits: _labels_from_upload(
-            body, key, limits)))
-        return {"labels": key}
+    upload_routes(router, "/labels", client, held_labels, _labels_from_upload, uploads, "these labels",
+                  before=teaching_here)
 
     @router.post("/teach")
     def start_teach(teach_in: TeachIn, name: str = Depends(client)):
@@ -211,22 +180,6 @@ def routes(client, config, volumes, uploads, runs, models) -> APIRouter:
         trainer.submit(job.run, load_model)
         return {"job": job_id}
 
-    @router.get("/teach/{job_id}")
-    def teach_status(job_id: str, name: str = Depends(client)):
-        return teach_jobs.get(job_id, name).status()
-
-    @router.get("/teach/{job_id}/events")
-    async def teach_events(job_id: str, name: str = Depends(client)):
-        """Progress and the learning curve as server-sent events, one per change, until the job ends."""
-        return events(teach_jobs.get(job_id, name).status)
-
-    @router.delete("/teach/{job_id}")
-    def cancel_or_forget_teach(job_id: str, name: str = Depends(client)):
-        job = teach_jobs.get(job_id, name)
-        if job.state in FINISHED:
-            teach_jobs.forget(job_id)
-        else:
-            job._cancel.set()
-        return job.status()
+    follow_routes(router, "/teach", client, teach_jobs, "Progress and the learning curve")
 
     return router

@@ -121,21 +121,28 @@ class Uploads:
             self.receiving += len(chunk)
 
 
-def routes(client, volumes: VolumeStore, uploads: Uploads) -> APIRouter:
-    router = APIRouter()
+def upload_routes(router: APIRouter, path: str, client, store: VolumeStore, decode, uploads: Uploads, what: str,
+                  before=lambda: None) -> None:
+    """``HEAD path/{key}`` (held for this client?) and ``PUT path/{key}`` (``decode(body, key, limits)``
+    within the upload limits, answered ``{"key": key}``); ``before()`` may refuse first."""
 
-    @router.head("/volumes/{key}")
-    def has_volume(key: str = KEY, name: str = Depends(client)):
-        if volumes.get(name, key) is None:
-            raise HTTPException(404, "Upload this volume first")
+    @router.head(path + "/{key}")
+    def held(key: str = KEY, name: str = Depends(client)):
+        before()
+        if store.get(name, key) is None:
+            raise HTTPException(404, f"Upload {what} first")
         return Response(status_code=200)
 
-    @router.put("/volumes/{key}", responses={413: {"description": "over --max-upload-mb, --max-voxels or "
-                                                                 "--max-volume-mb"}})
-    async def put_volume(request: HTTPRequest, key: str = KEY, name: str = Depends(client)):
-        """The volume as NRRD (gzip or raw, attached data, LPS; see ``wire.py``), decoded within the limits."""
-        volumes.put(name, key, await uploads.receive(request, lambda body, limits: _volume_from_upload(
-            body, key, limits)))
-        return {"volume": key}
+    @router.put(path + "/{key}", responses={413: {"description": "over --max-upload-mb, --max-voxels or "
+                                                                "--max-volume-mb"}})
+    async def upload(request: HTTPRequest, key: str = KEY, name: str = Depends(client)):
+        """NRRD in the wire format (gzip or raw, attached data, LPS; see ``wire.py``), decoded within the limits."""
+        before()
+        store.put(name, key, await uploads.receive(request, lambda body, limits: decode(body, key, limits)))
+        return {"key": key}
 
+
+def routes(client, volumes: VolumeStore, uploads: Uploads) -> APIRouter:
+    router = APIRouter()
+    upload_routes(router, "/volumes", client, volumes, _volume_from_upload, uploads, "this volume")
     return router
