@@ -53,7 +53,8 @@ def test_the_teach_bench_and_figure_run(tmp_path):
 
     import teach
 
-    results = teach.main(["--quick", "--json", str(tmp_path / "teach.json")])
+    results = teach.main(["--quick", "--json", str(tmp_path / "teach.json"), "--figure", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert {(r["mode"], r["labelled_slices"]) for r in results["runs"]} == {("adapt", 2), ("finetune", 2)}
     assert all(0 <= r["held_out_dice"] <= 1 and set(r["own_dice"]) == {"liver", "spleen"} for r in results["runs"])
     if not (SHARED_DATA / "pyradiomics" / "lung1_image.nrrd").is_file():

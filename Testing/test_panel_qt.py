@@ -500,3 +500,30 @@ def test_teach_with_compute_on_a_server_makes_the_client_s_model_there(panel, ti
         assert panel.session.last_result.model_name == "tiny-clipseg-taught-1"
     finally:
         live.stop()
+
+
+def test_teach_also_reads_a_folder_of_labelled_cases(panel, tiny_model_dir, tmp_path):
+    import SimpleITK as sitk
+
+    from medvlsm.volume import Volume
+    from MedVLSMSlicerLib.teach_panel import TeachController
+
+    teach = TeachController(panel.root, panel.scene, panel.c, models_folder=str(tmp_path / "models"))
+    panel.c.add_model_folder(str(tiny_model_dir))
+    panel.ui["teachEpochsSpin"].setValue(1)
+    panel.ui["teachFolderEdit"].setText(str(tmp_path / "nowhere"))
+    panel.click("teachButton")
+    assert panel.ui["teachStatusLabel"].text().startswith(f"{tmp_path / 'nowhere'} has no volumes/ and segmentations/")
+    cases = tmp_path / "cases"
+    (cases / "volumes").mkdir(parents=True), (cases / "segmentations").mkdir()
+    volume = Volume(blobs((8, 24, 28), seed=6), (0.9, 0.9, 3.0))
+    liver = np.zeros(volume.shape, bool)
+    liver[[1, 3, 5], 4:12, 5:15] = True
+    sitk.WriteImage(io.volume_to_sitk(volume), str(cases / "volumes" / "case1.nrrd"))
+    io.write_seg_nrrd(volume, liver[None], ["liver"], cases / "segmentations" / "case1.seg.nrrd")
+    panel.ui["teachFolderEdit"].setText(str(cases))
+    panel.click("teachButton")  # nothing ticked in the scene: the folder alone
+    wait_for(panel.app, teach)
+    assert panel.ui["teachStatusLabel"].text().startswith("Taught clipseg-tiny-taught-1"), panel.ui["teachStatusLabel"].text()
+    card = json.loads((tmp_path / "models" / "clipseg-tiny-taught-1" / "medvlsm.json").read_text(encoding="utf-8"))
+    assert card["cases"] == ["case1"] and card["prompts"] == ["liver"]

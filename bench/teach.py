@@ -41,11 +41,11 @@ def synthetic_case(seed: int, depth: int = 24, size: int = 112):
     rng = np.random.default_rng(seed)
     k, j, i = np.meshgrid(np.arange(depth), np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     body = j**2 / 0.8 + i**2 / 0.9 < 1
-    array = np.where(body, 0.0, -1000.0) + rng.normal(0, 8, body.shape)
+    array = np.where(body, -100.0, -1000.0) + rng.normal(0, 10, body.shape)  # fat-like body in air
     cj, ci = rng.uniform(-0.1, 0.1, 2)
     liver = ((j - cj) ** 2 / 0.16 + (i + 0.4 - ci) ** 2 / 0.09 < 1) & (k >= 3) & (k <= 18)
     spleen = ((j + cj) ** 2 + (i - 0.5 + ci) ** 2 < 0.03) & (k >= 8) & (k <= 21)
-    array[liver | spleen] = 60 + rng.normal(0, 8, (liver | spleen).sum())
+    array[liver | spleen] = 150 + rng.normal(0, 10, (liver | spleen).sum())  # contrast-enhanced, both alike
     return Volume(array.astype(np.int16), (0.8, 0.8, 2.5)), np.stack([liver, spleen]), ["liver", "spleen"]
 
 
@@ -114,7 +114,14 @@ def main(argv=None):
     p.add_argument("--size", default="small", help="CLIPSeg size from random weights (default small)")
     p.add_argument("--input-size", type=int, default=160, help="the model's input (default 160: CPU time)")
     p.add_argument("--json", default=str(HERE / "results" / "teach.json"))
+    p.add_argument("--figure", default=str(HERE.parent / "Resources" / "Screenshots" / "teach-curves.png"),
+                   help="the README's learning-curve figure ('' for none)")
+    p.add_argument("--plot-only", action="store_true", help="draw the figure from --json without training")
     args = p.parse_args(argv)
+    if args.plot_only:
+        results = json.loads(Path(args.json).read_text(encoding="utf-8"))
+        plot(results, args.figure)
+        return results
     from bench_engine import machine
 
     steps = {"adapt": args.adapt_steps, "finetune": args.finetune_steps}
@@ -162,7 +169,43 @@ def main(argv=None):
     results["table"] = table
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if args.figure:
+        plot(results, args.figure)
     return results
+
+
+def plot(results: dict, path) -> None:
+    """Held-out Dice against labelled slices (one line per data set and mode) and, for the most
+    slices, against seconds of training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_slices, by_seconds) = plt.subplots(1, 2, figsize=(12, 4.2))
+    lines = {}
+    for run in results["runs"]:
+        lines.setdefault((run["dataset"].split(" (")[0], run["mode"]), []).append(
+            (run["labelled_slices"], run["held_out_dice"]))
+    for (dataset, mode), points in lines.items():
+        by_slices.plot(*zip(*sorted(points)), marker="o", linestyle="-" if mode == "finetune" else "--",
+                       label=f"{dataset}, {mode}")
+    by_slices.set(xscale="log", xlabel="labelled slices", ylabel="held-out Dice", ylim=(0, 1),
+                  title="Held-out Dice after a fixed number of steps")
+    by_slices.legend(fontsize=7)
+    for name, curve in results["curves"].items():
+        dataset, mode, slices = name.rsplit(", ", 2)
+        if curve:
+            by_seconds.plot(*zip(*curve), label=f"{dataset.split(' (')[0]}, {mode}, {slices}",
+                            linestyle="-" if mode == "finetune" else "--")
+    by_seconds.set(xlabel="seconds of training (2-core CPU)", ylabel="held-out Dice", ylim=(0, 1),
+                   title="Learning curve, most labelled slices")
+    by_seconds.legend(fontsize=7)
+    figure.suptitle(f"Teaching from random weights ({results['model']}; {results['machine']})", fontsize=10)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datasets import LABELS, is_reviewed
+from .datasets import LABELS
 from .errors import Cancelled, InputError
 from .volume import PLANES
 
@@ -57,6 +57,11 @@ class LabelledArrays:
         return self.volume, self.masks, self.names
 
 
+def in_memory(cases) -> list:
+    """Cases as ``LabelledArrays`` (files read now): what a server upload needs."""
+    return [case if isinstance(case, LabelledArrays) else LabelledArrays(case.name, *case.load()) for case in cases]
+
+
 def versioned_folder(models_folder, base_model: str) -> Path:
     """``models_folder/<base>-taught-<N>`` with the first N not taken."""
     stem = Path(str(base_model).rstrip("/\\")).name.split("-taught-")[0] or "model"
@@ -68,7 +73,8 @@ def versioned_folder(models_folder, base_model: str) -> Path:
 
 def teach_model(model, cases: list, settings: TeachSettings, folder, *, progress=None, on_epoch=None,
                 cancelled=lambda: False, pause=lambda: None) -> dict:
-    """Train ``model`` (the loaded base) on ``cases`` into ``folder`` (absent, or an empty directory
+    """Train ``model`` (the loaded base) on ``cases`` (``LabelledArrays``, or anything with ``name`` and
+    ``load()`` such as ``datasets.LabelledVolume``) into ``folder`` (absent, or an empty directory
     reserved for it). ``progress(done, total)`` per step and ``on_epoch(row)`` per epoch; ``cancelled()``
     is asked at each and ``Cancelled`` raised; ``pause()`` runs before each step (the server waits there
     while segmentation runs). Returns the training summary."""
@@ -82,8 +88,9 @@ def teach_model(model, cases: list, settings: TeachSettings, folder, *, progress
         slices = len({training.slice_of(sample) for sample in train + val})
         raise InputError(f"{slices} labelled slice(s): too few to teach and measure",
                          "Label the structures on at least 2 slices (one is held out to measure the model)")
+    # no early stop: the user chose the epochs, a few held-out slices make a noisy curve, the best is kept
     config = training.TrainConfig(epochs=settings.epochs, adapt=settings.mode == "adapt", device=settings.device,
-                                  prompt_types=["p1"], resize="letterbox")
+                                  prompt_types=["p1"], resize="letterbox", patience=settings.epochs)
 
     def step(epoch, done, steps):
         if cancelled():
@@ -98,7 +105,7 @@ def teach_model(model, cases: list, settings: TeachSettings, folder, *, progress
         if cancelled():
             raise Cancelled()
 
-    prompts = sorted({name for case in cases for name in case.names if not is_reviewed(name)})
+    prompts = sorted({sample.prompts["p1"] for sample in train + val if sample.mask.any()})  # the names taught
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".teaching-", dir=folder.parent))
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medvlsm.errors import InputError
-from medvlsm.teaching import LabelledArrays, TeachSettings, teach_model, versioned_folder
+from medvlsm.teaching import LabelledArrays, TeachSettings, in_memory, teach_model, versioned_folder
 
 from . import mrml_glue as glue
 from .session import Job
@@ -31,7 +31,19 @@ def default_models_folder() -> Path:
     return Path.home() / "MedVLSM models"
 
 
-def scene_cases(segmentation_nodes) -> list[LabelledArrays]:
+def folder_cases(folder) -> list:
+    """A folder of labelled cases (``volumes/`` + ``segmentations/`` named alike, as the command line
+    reads them): the pairs are found now, their files read by the worker."""
+    from medvlsm.datasets import read_volume_folder
+
+    folder = Path(folder).expanduser()
+    if not (folder / "volumes").is_dir() or not (folder / "segmentations").is_dir():
+        raise InputError(f"{folder} has no volumes/ and segmentations/ folders",
+                         "Give a folder holding volumes/case1.nii.gz and segmentations/case1.seg.nrrd")
+    return read_volume_folder(folder / "volumes", folder / "segmentations")
+
+
+def scene_cases(segmentation_nodes, allow_none: bool = False) -> list[LabelledArrays]:
     """The chosen segmentations -> cases (GUI thread). Each must lie over a volume and hold a segment."""
     cases = []
     for node in segmentation_nodes:
@@ -46,7 +58,7 @@ def scene_cases(segmentation_nodes) -> list[LabelledArrays]:
         masks = np.stack([glue.read_segment(node, sid, volume_node) for sid in ids])
         names = [segmentation.GetSegment(sid).GetName() for sid in ids]
         cases.append(LabelledArrays(node.GetName(), glue.volume_from_node(volume_node), masks, names))
-    if not cases:
+    if not cases and not allow_none:
         raise InputError("No segmentation chosen to teach on", "Tick at least one segmentation under Teach")
     return cases
 
@@ -92,7 +104,7 @@ def teach_on_server(cases: list, base_model: str, settings: TeachSettings, clien
 
     def work(job: TeachJob):
         job.phase = "Teaching on the server: uploading the cases..."
-        name, summary = client.teach(cases, settings, base_model or None, progress=job.step,
+        name, summary = client.teach(in_memory(cases), settings, base_model or None, progress=job.step,
                                      on_epoch=job.curve.append, cancel=lambda: job.cancelled)
         job.base_untrained = not summary.get("base_trained", True)
         return name, summary

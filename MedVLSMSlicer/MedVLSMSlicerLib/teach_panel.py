@@ -14,7 +14,7 @@ from medvlsm.teaching import MODES, TeachSettings
 from . import mrml_glue as glue
 from . import qt_compat
 from .session import POLL_MS, readable
-from .teach import LearningCurve, scene_cases, teach, teach_on_server
+from .teach import LearningCurve, folder_cases, scene_cases, teach, teach_on_server
 
 
 UNTRAINED_BASE = (" It started from random weights (no pretrained ones here): the Dice shows what your labels "
@@ -87,7 +87,9 @@ class TeachController:
         try:
             self.panel.read_settings()
             settings = self.settings()
-            cases = scene_cases(self.checked_nodes())
+            folder = self.ui["teachFolderEdit"].property("text").strip()
+            cases = scene_cases(self.checked_nodes(), allow_none=bool(folder))
+            cases += folder_cases(folder) if folder else []
             self.job = self.start(cases, settings)
         except Exception as e:
             self.status(readable(e))
