@@ -186,12 +186,12 @@ def test_volumes_and_segmentations_become_slices_with_empty_ones(tmp_path, tiny_
 
     pairs = read_volume_folder(volumes, segs)
     assert [p.name for p in pairs] == ["case0", "case1"]
-    samples = training.samples_from_volumes(pairs[:1], tiny_model.spec, empty_fraction=0.5, labels="complete")
+    samples = training.samples_from_volumes(pairs[:1], tiny_model.spec, training.Slicing(labels="complete", empty_fraction=0.5))
     present = [s for s in samples if s.mask.any()]
     assert len(present) == 4 and len(samples) == 6  # 4 slices with liver + half as many without
     assert len(training.samples_from_volumes(pairs[:1], tiny_model.spec)) == 4  # partial: empty slices unlabelled
-    every_plane = training.samples_from_volumes(pairs[:1], tiny_model.spec, plane="all", empty_fraction=0,
-                                                labels="complete")
+    every_plane = training.samples_from_volumes(pairs[:1], tiny_model.spec,
+                                                training.Slicing(plane="all", labels="complete", empty_fraction=0))
     assert sorted({s.name.split(":")[2] for s in every_plane}) == ["axial", "coronal", "sagittal"]
     assert len(every_plane) == 4 + 12 + 12  # the liver's slices in each plane: 4 axial, 12 coronal, 12 sagittal
     assert present[0].prompts["p1"] == "liver" and present[0].prompts["p5"].startswith("one ")
@@ -232,7 +232,7 @@ def test_partial_labels_teach_only_labelled_slices_and_the_reviewed_ones_say_abs
     on_two = next(s for s in samples if s.name == "case:liver:axial:2")
     assert on_two.absent == ("spleen",) and on_two.present == ()  # "spleen" is a negative prompt on slice 2
     with pytest.raises(InputError, match="cross unlabelled ones.*--labels complete"):
-        training.samples_from_volumes([pair], tiny_model.spec, plane="all")
+        training.samples_from_volumes([pair], tiny_model.spec, training.Slicing(plane="all"))
     (tmp_path / "v").mkdir(), (tmp_path / "s").mkdir()
     (tmp_path / "case.nrrd").rename(tmp_path / "v" / "case.nrrd")
     (tmp_path / "case.seg.nrrd").rename(tmp_path / "s" / "case.seg.nrrd")
@@ -242,5 +242,5 @@ def test_partial_labels_teach_only_labelled_slices_and_the_reviewed_ones_say_abs
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: Partial labels") and "--labels complete" in error
     pair = LabelledVolume("case", tmp_path / "v" / "case.nrrd", tmp_path / "s" / "case.seg.nrrd")
-    complete = training.samples_from_volumes([pair], tiny_model.spec, labels="complete", empty_fraction=5)
+    complete = training.samples_from_volumes([pair], tiny_model.spec, training.Slicing(labels="complete", empty_fraction=5))
     assert "case:liver:axial:4" in {s.name for s in complete}  # every slice labelled: 4 says "no liver"

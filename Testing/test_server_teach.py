@@ -145,7 +145,7 @@ def test_teaching_waits_while_segmentation_runs():
 
     busy = threading.Event()
     busy.set()
-    job = TeachServerJob("alice", [], "tiny", TeachSettings(), None, time.monotonic() + 60, busy.is_set)
+    job = TeachServerJob("alice", [], "tiny", TeachSettings(), time.monotonic() + 60, busy.is_set)
     waited = threading.Thread(target=job._yield_to_runs)
     waited.start()
     waited.join(0.3)

@@ -60,7 +60,8 @@ def test_a_slice_of_a_case_names_the_segments_absent_from_it(tmp_path, tiny_mode
     io.write_seg_nrrd(v, np.stack([liver, spleen]), ["liver", "spleen"], segs / "case.seg.nrrd")
     from medvlsm.datasets import read_volume_folder
 
-    samples = training.samples_from_volumes(read_volume_folder(volumes, segs), tiny_model.spec, empty_fraction=0)
+    samples = training.samples_from_volumes(read_volume_folder(volumes, segs), tiny_model.spec,
+                                            training.Slicing(empty_fraction=0))
     by_name = {s.name: s for s in samples}
     assert by_name["case:liver:axial:1"].absent == ("spleen",) and by_name["case:liver:axial:3"].present == ("spleen",)
     assert by_name["case:spleen:axial:6"].absent == ("liver",)

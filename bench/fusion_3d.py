@@ -78,7 +78,7 @@ def write_case(folder: Path, name: str, volume: Volume, masks: dict) -> None:
 def finetune(folder: Path, model: Path, epochs: int, size: int) -> None:
     for argv in (["init", "--size", "small", "--input-size", str(size), "--output", str(model), "--overwrite"],
                  ["finetune", "--volumes", str(folder / "volumes"), "--segmentations", str(folder / "segmentations"),
-                  "--plane", "all", "--model", str(model), "--output", str(model) + "-ft", "--epochs", str(epochs),
+                  "--plane", "all", "--labels", "complete", "--model", str(model), "--output", str(model) + "-ft", "--epochs", str(epochs),
                   "--prompt-type", "p1"]):
         if medvlsm(["--quiet", *argv]) != 0:
             raise SystemExit(f"medvlsm {argv[0]} failed")

@@ -91,9 +91,8 @@ def teach_once(train_case, test_case, test_slices, mode: str, steps: int, spec_s
                                   resize="letterbox", patience=epochs)
     start, curve = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as out:
-        summary = training.finetune(model, train, val, Path(out) / "taught", config,
-                                    on_epoch=lambda row: curve.append((round(time.perf_counter() - start, 1),
-                                                                       round(row["val_dice"], 4))))
+        summary = training.finetune(model, train, val, Path(out) / "taught", config, training.Progress(
+            epoch=lambda row: curve.append((round(time.perf_counter() - start, 1), round(row["val_dice"], 4)))))
         engine = Engine(load_model(Path(out) / "taught"), device="cpu", precision="fp32")
         predicted = engine.segment(volume, names).masks()[:, test_slices]
     truth = masks[:, test_slices]

@@ -717,8 +717,9 @@ def cmd_finetune(args):
 
         pairs = read_volume_folder(args.volumes, args.segmentations, _label_names(args.label_names))[: args.limit]
         resize = args.resize or "letterbox"
+        slicing = training.Slicing(args.plane, args.labels, args.empty_fraction, args.seed, resize)
         train, val = training.train_val_split(pairs, args.val_fraction, lambda ps: training.samples_from_volumes(
-            ps, spec, args.plane, args.empty_fraction, args.seed, resize, args.labels))
+            ps, spec, slicing))
     elif args.train:
         if not (args.images and args.masks):
             raise InputError("--train needs --images and --masks", "Give the image and mask folders")
@@ -758,7 +759,7 @@ def cmd_finetune(args):
 
     try:
         summary = training.finetune(model, train, val, args.output, config,
-                                    progress=progress if bar is not None or lines is not None else None)
+                                    training.Progress(progress if bar is not None or lines is not None else None))
     finally:
         if bar is not None:
             bar.close()

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .datasets import LABELS
 from .errors import Cancelled, InputError
@@ -71,19 +72,29 @@ def versioned_folder(models_folder, base_model: str) -> Path:
     return Path(models_folder) / f"{stem}-taught-{n}"
 
 
-def teach_model(model, cases: list, settings: TeachSettings, folder, *, progress=None, on_epoch=None,
-                cancelled=lambda: False, pause=lambda: None) -> dict:
+@dataclass
+class Hooks:
+    """What a teach reports and asks as it goes: ``progress(done, total)`` per step, ``on_epoch(row)``
+    per epoch; ``cancelled()`` is asked at each (then ``Cancelled`` is raised); ``pause()`` runs before
+    each step (the server waits there while segmentation runs)."""
+
+    progress: Callable = lambda done, total: None
+    on_epoch: Callable = lambda row: None
+    cancelled: Callable = lambda: False
+    pause: Callable = lambda: None
+
+
+def teach_model(model, cases: list, settings: TeachSettings, folder, hooks: Hooks = Hooks()) -> dict:
     """Train ``model`` (the loaded base) on ``cases`` (``LabelledArrays``, or anything with ``name`` and
     ``load()`` such as ``datasets.LabelledVolume``) into ``folder`` (absent, or an empty directory
-    reserved for it). ``progress(done, total)`` per step and ``on_epoch(row)`` per epoch; ``cancelled()``
-    is asked at each and ``Cancelled`` raised; ``pause()`` runs before each step (the server waits there
-    while segmentation runs). Returns the training summary."""
+    reserved for it), reporting through ``hooks``. Returns the training summary."""
     from . import training
 
     settings.check()
     folder = Path(folder)
+    slicing = training.Slicing(plane=settings.plane, labels=settings.labels)
     train, val = training.train_val_split(cases, VAL_FRACTION, lambda some: training.samples_from_volumes(
-        some, model.spec, settings.plane, labels=settings.labels))
+        some, model.spec, slicing))
     if not train or not val:
         slices = len({training.slice_of(sample) for sample in train + val})
         raise InputError(f"{slices} labelled slice(s): too few to teach and measure",
@@ -93,25 +104,24 @@ def teach_model(model, cases: list, settings: TeachSettings, folder, *, progress
                                   prompt_types=["p1"], resize="letterbox", patience=settings.epochs)
 
     def step(epoch, done, steps):
-        if cancelled():
+        if hooks.cancelled():
             raise Cancelled()
-        pause()
-        if progress is not None:
-            progress((epoch - 1) * steps + done, settings.epochs * steps)
+        hooks.pause()
+        hooks.progress((epoch - 1) * steps + done, settings.epochs * steps)
 
     def epoch_done(row):
-        if on_epoch is not None:
-            on_epoch(row)
-        if cancelled():
+        hooks.on_epoch(row)
+        if hooks.cancelled():
             raise Cancelled()
 
     prompts = sorted({sample.prompts["p1"] for sample in train + val if sample.mask.any()})  # the names taught
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".teaching-", dir=folder.parent))
     try:
-        summary = training.finetune(model, train, val, staging / folder.name, config, step, epoch_done,
-                                    about={"cases": [case.name for case in cases], "prompts": prompts,
-                                           "labels": settings.labels})
+        summary = training.finetune(model, train, val, staging / folder.name, config,
+                                    training.Progress(step, epoch_done))
+        summary.update(cases=[case.name for case in cases], prompts=prompts, labels=settings.labels)
+        training.write_model_card(staging / folder.name, model, config, summary)  # the card, with the cases
         shutil.rmtree(staging / folder.name / "checkpoint", ignore_errors=True)  # nothing resumes a teach
         os.replace(staging / folder.name, folder)  # onto an empty reserved directory too (POSIX rename)
     finally:

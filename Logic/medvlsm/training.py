@@ -123,16 +123,27 @@ def samples_from_annotations(items, spec, resize: str = "stretch") -> list[Sampl
     return out
 
 
-def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: float = 0.1, seed: int = 42,
-                         resize: str = "letterbox", labels: str = "partial") -> list[Sample]:
-    """Volumes + segmentations -> 2D samples along ``plane``, one per (slice, structure); ``plane``
+@dataclass
+class Slicing:
+    """How volumes become 2D samples (``samples_from_volumes``): the plane, which slices are labelled,
+    the share of empty slices kept (complete labels), the seed of that choice, how slices are fitted."""
+
+    plane: str = "axial"
+    labels: str = "partial"
+    empty_fraction: float = 0.1
+    seed: int = 42
+    resize: str = "letterbox"
+
+
+def samples_from_volumes(pairs, spec, slicing: Slicing = Slicing()) -> list[Sample]:
+    """Volumes + segmentations -> 2D samples along ``slicing.plane``, one per (slice, structure);
     ``all``: the slices of the three planes, so one model serves multi-planar fusion.
 
     Prompts: the segment name as p1, plus the ladder p2..p6 built from the slice mask's geometry.
     Each sample records the case's other structures absent from its slice (negative prompts,
     ``negatives.py``).
 
-    ``labels``: which slices are ground truth. ``partial`` (the default, how a radiologist labels):
+    ``slicing.labels``: which slices are ground truth. ``partial`` (the default, how a radiologist labels):
     only *labelled* slices of ``plane``, the plane the labels were drawn in — those holding a voxel of
     any segment, or of the ``reviewed`` segment that marks slices reviewed as holding none — and on
     such a slice, a segment absent from it is absent (every structure taught is labelled wherever it
@@ -146,13 +157,14 @@ def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: floa
     from .request import ALL_PLANES
     from .volume import PLANES, SliceView
 
+    plane, labels = slicing.plane, slicing.labels
     if labels not in LABELS:
         raise InputError(f"Unknown labels '{labels}'", f"Choose one of: {', '.join(LABELS)}")
     if labels == "partial" and plane == ALL_PLANES:
         raise InputError("Partial labels are whole only on the slices they were drawn on; the other planes' "
                          "slices cross unlabelled ones", "Teach along the plane you labelled in (--plane axial), or "
                          "say --labels complete if every slice is labelled")
-    rng = random.Random(seed)
+    rng = random.Random(slicing.seed)
     out = []
     for pair in pairs:
         volume, masks, names = pair.load()
@@ -162,8 +174,8 @@ def samples_from_volumes(pairs, spec, plane: str = "axial", empty_fraction: floa
         for one_plane in planes:
             view = SliceView(volume, one_plane)
             rows = view.view(labelled).any(axis=(1, 2)) if labels == "partial" else None
-            out += _plane_samples(pair.name, (volume, masks, names, rows), view, (spec, resize, window),
-                                  empty_fraction, rng)
+            out += _plane_samples(pair.name, (volume, masks, names, rows), view, (spec, slicing.resize, window),
+                                  slicing.empty_fraction, rng)
     if not out:
         raise InputError("The segmentations hold no labelled voxels", "Check that the segments are not empty")
     return out
@@ -367,13 +379,19 @@ def _dice(logits, masks, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
-def finetune(model, train: list[Sample], val: list[Sample], output, config: TrainConfig, progress=None,
-             on_epoch=None, about: dict | None = None) -> dict:
+class Progress(NamedTuple):
+    """What ``finetune`` reports as it goes; either may raise ``Cancelled`` to stop it:
+    ``step(epoch, step, steps_per_epoch)`` after each step, ``epoch(row)`` after each epoch (train
+    loss, held-out loss and Dice)."""
+
+    step: object = None
+    epoch: object = None
+
+
+def finetune(model, train: list[Sample], val: list[Sample], output, config: TrainConfig,
+             progress: Progress = Progress()) -> dict:
     """Train ``model`` in place; write the best model folder, card, curves and a resumable checkpoint.
 
-    ``progress(epoch, step, steps_per_epoch)`` after each step and ``on_epoch(row)`` after each epoch
-    (train loss, held-out loss and Dice) may raise ``Cancelled`` to stop. ``about``: what the model
-    card should also say (the cases and prompts it saw).
     Returns a summary: best validation Dice and its epoch, epochs run, steps per epoch, seconds.
     """
     from monai.losses import DiceCELoss
@@ -478,8 +496,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                 scheduler.step()
             train_loss += float(loss.detach())
             steps += 1
-            if progress is not None and rank == 0:
-                progress(epoch, steps, steps_per_epoch)
+            if progress.step is not None and rank == 0:
+                progress.step(epoch, steps, steps_per_epoch)
             if steps >= steps_per_epoch:
                 break
         val_loss, val_dice = evaluate_samples(model, val, val_forward, (config, loss_fn),
@@ -501,8 +519,8 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, tmp)
             write_curves(state["history"], output)
-            if on_epoch is not None:
-                on_epoch(row)
+            if progress.epoch is not None:
+                progress.epoch(row)
         if rank == 0:  # one line per epoch, not one per process
             log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f%s", epoch, row["train_loss"],
                      val_loss, val_dice, " (best)" if improved else "")
@@ -518,7 +536,7 @@ def finetune(model, train: list[Sample], val: list[Sample], output, config: Trai
     summary = {"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
                "steps_per_epoch": steps_per_epoch, "world_size": world, "seconds": time.perf_counter() - started,
                "cpu_seconds": time.process_time() - cpu_started,
-               "train_samples": len(train), "val_samples": len(val), "base_model": base_name, **(about or {})}
+               "train_samples": len(train), "val_samples": len(val), "base_model": base_name}
     if rank == 0:
         write_model_card(output, model, config, summary)
     return summary
@@ -583,7 +601,7 @@ def write_curves(history: list[dict], output: Path) -> None:
     plt.close(fig)
 
 
-CARD_EXTRAS = ("cases", "prompts", "labels")  # what a caller's ``about`` may add to the card
+CARD_EXTRAS = ("cases", "prompts", "labels")  # what teaching adds to a summary for the card (teaching.py)
 
 
 def write_model_card(output: Path, model, config: TrainConfig, summary: dict) -> None:

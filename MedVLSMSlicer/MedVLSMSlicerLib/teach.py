@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medvlsm.errors import InputError
-from medvlsm.teaching import LabelledArrays, TeachSettings, in_memory, teach_model, versioned_folder
+from medvlsm.teaching import Hooks, LabelledArrays, TeachSettings, in_memory, teach_model, versioned_folder
 
 from . import mrml_glue as glue
 from .session import Job
@@ -90,8 +90,8 @@ def teach(cases: list, base_model: str, settings: TeachSettings, models_folder="
         job.base_untrained = not model.spec.trained
         folder = versioned_folder(models_folder or default_models_folder(), base_model)
         job.phase = f"Teaching ({settings.mode}): cutting the labelled slices, encoding them..."
-        summary = teach_model(model, cases, settings, folder, progress=job.step, on_epoch=job.curve.append,
-                              cancelled=lambda: job.cancelled)
+        summary = teach_model(model, cases, settings, folder,
+                              Hooks(job.step, job.curve.append, lambda: job.cancelled))
         return folder, summary
 
     return TeachJob(work)

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import InputError
 from . import models, runs, teaching, volumes
 from .auth import Gate, TokenSource, client_dependency, install_log_filter, printable
-from .config import ServerConfig
+from .config import ServerConfig, Stores
 
 log = logging.getLogger("medvlsm")
 
@@ -37,11 +37,11 @@ def create_app(config: ServerConfig, runner=None):
     uploads = volumes.Uploads(config)
     jobs = app.state.jobs = runs.JobStore(config.max_jobs_per_client, config.result_cache_bytes, config.volume_ttl_s)
     workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medvlsm-job")
-    model_store = models.ModelStore(config)
+    stores = Stores(held, uploads, jobs, models.ModelStore(config))
     app.include_router(volumes.routes(client, held, uploads))
-    app.include_router(runs.routes(client, config, held, jobs, workers, lambda: app.state.runner, model_store))
-    app.include_router(teaching.routes(client, config, held, uploads, jobs, model_store))
-    app.include_router(models.routes(client, model_store))
+    app.include_router(runs.routes(client, config, stores, workers, lambda: app.state.runner))
+    app.include_router(teaching.routes(client, config, stores))
+    app.include_router(models.routes(client, stores.models))
 
     @app.exception_handler(RequestValidationError)
     async def one_line_422(request, exc):

@@ -66,4 +66,11 @@ def read_tokens(path) -> dict:
     return tokens
 
 
+@dataclass
+class Stores:
+    """What the routes of several resources share: held volumes, the upload path, the runs, the models."""
 
+    volumes: object
+    uploads: object
+    jobs: object
+    models: object

@@ -296,10 +296,11 @@ def follow_routes(router: APIRouter, path: str, client, jobs: JobStore, what: st
         return job.status()
 
 
-def routes(client, config, volumes, jobs: JobStore, workers, runner, models) -> APIRouter:
-    """``runner()``: the current runner (``app.state.runner``, which a Ray replica sets when it starts);
-    ``models.engine_name(client, name)``: a served or the client's own model, or an ``InputError``."""
+def routes(client, config, stores, workers, runner) -> APIRouter:
+    """``stores``: ``config.Stores``; ``runner()``: the current runner (``app.state.runner``, which a Ray
+    replica sets when it starts)."""
     router = APIRouter()
+    volumes, jobs, models = stores.volumes, stores.jobs, stores.models
 
     @router.post("/jobs")
     def start_job(job_in: JobIn, name: str = Depends(client)):

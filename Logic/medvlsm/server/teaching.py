@@ -33,11 +33,11 @@ from .. import wire
 from ..datasets import LABELS
 from ..errors import InputError
 from ..request import MAX_PROMPT_CHARS, MAX_PROMPTS
-from ..teaching import MODES, LabelledArrays, TeachSettings, teach_model
+from ..teaching import MODES, Hooks, LabelledArrays, TeachSettings, teach_model
 from ..volume import PLANES
 from .config import VOLUME_KEY
 from .runs import BackgroundJob, Strict, follow_routes
-from .volumes import upload_routes
+from .volumes import UploadKind, upload_routes
 
 log = logging.getLogger("medvlsm")
 
@@ -94,11 +94,10 @@ class TeachServerJob(BackgroundJob):
 
     result_bytes = 0  # what JobStore counts: a teach's result is a folder on disk, not memory
 
-    def __init__(self, client: str, cases: list, base: str, settings: TeachSettings, folder, deadline: float,
-                 runs_waiting):
+    def __init__(self, client: str, cases: list, base: str, settings: TeachSettings, deadline: float, runs_waiting):
         super().__init__(client, deadline)
         self.cases, self.base, self.settings = cases, base, settings
-        self.folder, self.runs_waiting = folder, runs_waiting
+        self.folder, self.runs_waiting = None, runs_waiting  # the folder: reserved once the job is accepted
         self.curve, self.model, self.summary = [], None, None
 
     def _yield_to_runs(self) -> None:
@@ -110,8 +109,8 @@ class TeachServerJob(BackgroundJob):
         def teach():
             model = load_model(self.base)
             base_trained = bool(model.spec.trained)  # before training marks the new model trained
-            summary = teach_model(model, self.cases, self.settings, self.folder, progress=self.report,
-                                  on_epoch=self.curve.append, cancelled=self.cancelled, pause=self._yield_to_runs)
+            summary = teach_model(model, self.cases, self.settings, self.folder,
+                                  Hooks(self.report, self.curve.append, self.cancelled, self._yield_to_runs))
             self.summary = {key: summary[key] for key in ("best_val_dice", "best_epoch", "epochs", "train_samples",
                                                           "val_samples", "seconds")}
             self.summary["base_trained"] = base_trained
@@ -132,8 +131,8 @@ class TeachServerJob(BackgroundJob):
                 "model": self.model, "summary": self.summary}
 
 
-def routes(client, config, volumes, uploads, runs, models) -> APIRouter:
-    """``runs``: the segmentation jobs (teaching yields to them); ``models``: the ``ModelStore``."""
+def routes(client, config, stores) -> APIRouter:
+    """``stores``: ``config.Stores`` (teaching yields to its segmentation jobs)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..models import load_model
@@ -141,6 +140,7 @@ def routes(client, config, volumes, uploads, runs, models) -> APIRouter:
     from .volumes import VolumeStore
 
     router = APIRouter()
+    volumes, runs, models = stores.volumes, stores.jobs, stores.models
     held_labels = VolumeStore(config.volume_cache_bytes // 4, config.volume_ttl_s)
     teach_jobs = JobStore(1, 0, config.volume_ttl_s, noun="teach jobs")
     trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvlsm-teach")  # one training per device
@@ -149,8 +149,8 @@ def routes(client, config, volumes, uploads, runs, models) -> APIRouter:
         if models.root is None:
             raise HTTPException(404, "This server does not teach (its operator starts it with --teach-dir DIR)")
 
-    upload_routes(router, "/labels", client, held_labels, _labels_from_upload, uploads, "these labels",
-                  before=teaching_here)
+    upload_routes(router, "/labels", client, held_labels, stores.uploads,
+                  UploadKind(_labels_from_upload, "these labels", before=teaching_here))
 
     @router.post("/teach")
     def start_teach(teach_in: TeachIn, name: str = Depends(client)):
@@ -169,8 +169,7 @@ def routes(client, config, volumes, uploads, runs, models) -> APIRouter:
                                  "Send the segments resampled onto the volume (Client.teach does)")
             cases.append(LabelledArrays(f"case {number}", volume, labels.array.astype(bool), labels.names))
         source = config.models.get(base, base)  # a served name's registry name or folder; an own model's folder
-        job = TeachServerJob(name, cases, source, settings, None, time.monotonic() + config.teach_timeout_s,
-                             runs.waiting)
+        job = TeachServerJob(name, cases, source, settings, time.monotonic() + config.teach_timeout_s, runs.waiting)
         job_id = teach_jobs.add(job)  # 429 if this client already teaches
         try:
             job.folder = models.new_folder(name, base)

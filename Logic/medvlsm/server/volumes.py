@@ -9,6 +9,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Response
 from fastapi import Request as HTTPRequest
@@ -121,10 +123,21 @@ class Uploads:
             self.receiving += len(chunk)
 
 
-def upload_routes(router: APIRouter, path: str, client, store: VolumeStore, decode, uploads: Uploads, what: str,
-                  before=lambda: None) -> None:
-    """``HEAD path/{key}`` (held for this client?) and ``PUT path/{key}`` (``decode(body, key, limits)``
-    within the upload limits, answered ``{"key": key}``); ``before()`` may refuse first."""
+@dataclass
+class UploadKind:
+    """What a kind of upload is: ``decode(body, key, limits)``, its name in answers, and a check run
+    before anything (``before()`` may refuse)."""
+
+    decode: Callable
+    what: str
+    before: Callable = lambda: None
+
+
+def upload_routes(router: APIRouter, path: str, client, store: VolumeStore, uploads: Uploads,
+                  kind: UploadKind) -> None:
+    """``HEAD path/{key}`` (held for this client?) and ``PUT path/{key}`` (decoded within the upload
+    limits, answered ``{"key": key}``)."""
+    decode, what, before = kind.decode, kind.what, kind.before
 
     @router.head(path + "/{key}")
     def held(key: str = KEY, name: str = Depends(client)):
@@ -144,5 +157,5 @@ def upload_routes(router: APIRouter, path: str, client, store: VolumeStore, deco
 
 def routes(client, volumes: VolumeStore, uploads: Uploads) -> APIRouter:
     router = APIRouter()
-    upload_routes(router, "/volumes", client, volumes, _volume_from_upload, uploads, "this volume")
+    upload_routes(router, "/volumes", client, volumes, uploads, UploadKind(_volume_from_upload, "this volume"))
     return router
