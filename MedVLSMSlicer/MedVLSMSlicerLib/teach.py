@@ -76,7 +76,7 @@ class TeachJob(Job):
         self.progress = (done, total)
 
 
-def teach(cases: list, base_model: str, settings: TeachSettings, models_folder="", model_loader=None) -> TeachJob:
+def teach(cases: list, base_model: str, settings: TeachSettings, models_folder="") -> TeachJob:
     """Teach on this computer. Cancel: no folder."""
     settings.check()
     if not base_model:
@@ -86,7 +86,7 @@ def teach(cases: list, base_model: str, settings: TeachSettings, models_folder="
         from medvlsm.models import load_model
 
         job.phase = "Teaching: loading the model..."
-        model = (model_loader or load_model)(base_model)
+        model = load_model(base_model)
         job.base_untrained = not model.spec.trained
         folder = versioned_folder(models_folder or default_models_folder(), base_model)
         job.phase = f"Teaching ({settings.mode}): cutting the labelled slices, encoding them..."

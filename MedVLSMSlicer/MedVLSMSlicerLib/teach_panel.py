@@ -22,12 +22,11 @@ UNTRAINED_BASE = (" It started from random weights (no pretrained ones here): th
 
 
 class TeachController:
-    def __init__(self, root, scene, panel, *, models_folder: str = "", show_chart=None, model_loader=None):
+    def __init__(self, root, scene, panel, *, models_folder: str = "", show_chart=None):
         self.ui = qt_compat.children_by_name(root)
         self.scene, self.panel = scene, panel
         self.models_folder = models_folder
         self.show_chart = show_chart or (lambda chart_node: None)
-        self.model_loader = model_loader
         self.job = None
         self.curve = None
         self.folder = None  # the last taught model
@@ -74,7 +73,7 @@ class TeachController:
 
             return teach_on_server(cases, shared.model, settings,
                                    Client(shared.server, read_token(shared.server_token_file)))
-        return teach(cases, shared.model, settings, self.models_folder, self.model_loader)
+        return teach(cases, shared.model, settings, self.models_folder)
 
     def status(self, text: str) -> None:
         self.ui["teachStatusLabel"].setText(text)
