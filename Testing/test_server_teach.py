@@ -170,3 +170,11 @@ def test_finetune_server_teaches_there_from_the_command_line(teaching, tmp_path,
     out = capsys.readouterr()
     assert "Taught tiny-taught-1 on" in out.out and "epoch 1: train loss" in out.err
     assert Client(teaching.url, BOB).models()["yours"] == ["tiny-taught-1"]
+
+
+def test_finetune_server_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
+    for extra, reason in ((["--train", "t.json"], "--server teaches on volumes"),
+                          (["--volumes", "v", "--segmentations", "s", "--output", "x"], "keeps the model on the server")):
+        assert main(["finetune", "--server", "http://127.0.0.1:9", *extra]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and reason in error[0], error
