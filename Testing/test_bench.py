@@ -14,9 +14,10 @@ pytestmark = pytest.mark.models
 def test_bench_quick_mode_runs(tmp_path):
     import bench_engine
 
-    # a small volume: this checks that the benchmark runs end to end; its figures come from bench/ runs
-    results = bench_engine.main(["--quick", "--depth", "8", "--size", "128", "--naive-slices", "4",
-                                 "--precision", "auto", "--json", str(tmp_path / "bench.json")])
+    # a small volume and model: this checks that the benchmark runs end to end; its figures (full size)
+    # come from bench/ runs
+    results = bench_engine.main(["--quick", "--depth", "8", "--size", "128", "--naive-slices", "4", "--model-size",
+                                 "small", "--precision", "auto", "--json", str(tmp_path / "bench.json")])
     saved = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     assert saved["volume"] == "8x128x128" and saved["machine"]
     engine = saved["cases"]["engine_auto"]

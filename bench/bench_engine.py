@@ -48,13 +48,13 @@ def make_volume(depth: int, size: int, path: Path) -> None:
     sitk.WriteImage(image, str(path))
 
 
-def _model(seed=0):
+def _model(size="full", seed=0):
     from medvlsm.models.clipseg import CLIPSeg
 
-    return CLIPSeg.random("full", seed=seed)
+    return CLIPSeg.random(size, seed=seed)
 
 
-def case_naive(volume_path: str, slices: int) -> dict:
+def case_naive(volume_path: str, slices: int, model_size: str = "full") -> dict:
     """The reference code's path (HF processor on PIL images, full forward per slice, fp32, batch 1)."""
     import torch
     from PIL import Image
@@ -63,7 +63,7 @@ def case_naive(volume_path: str, slices: int) -> dict:
     from medvlsm import io
     from medvlsm.window import choose_window
 
-    model = _model()
+    model = _model(model_size)
     hf = model.hf.eval()
     processor = CLIPSegProcessor(
         image_processor=ViTImageProcessor(do_resize=True, size={"height": 352, "width": 352}, resample=2,
@@ -82,11 +82,12 @@ def case_naive(volume_path: str, slices: int) -> dict:
     return {"seconds": time.perf_counter() - start, "slices": slices, "dtype": "float32", "batch": 1}
 
 
-def case_engine(volume_path: str, precision: str, batch: int | None, reprompt: bool, preview: bool) -> dict:
+def case_engine(volume_path: str, precision: str, batch: int | None, reprompt: bool, preview: bool,
+                model_size: str = "full") -> dict:
     from medvlsm import io
     from medvlsm.engine import Engine
 
-    engine = Engine(_model(), device="auto", precision=precision, batch_size=batch, cache_bytes=8 << 30)
+    engine = Engine(_model(model_size), device="auto", precision=precision, batch_size=batch, cache_bytes=8 << 30)
     out = Path(tempfile.mkdtemp()) / "out.seg.nrrd"
     engine.encode_text(["liver", "spleen", "kidney"])  # the model is loaded and warm: time the volume only
     start = time.perf_counter()
@@ -243,6 +244,8 @@ def main(argv=None):
     p.add_argument("--memory-depths", type=int, nargs=2, default=[64, 256])
     p.add_argument("--memory-models", nargs="+", default=["small", "full"])
     p.add_argument("--memory-repeats", type=int, default=2, help="runs per measurement, the smallest peak kept")
+    p.add_argument("--model-size", default="full", choices=("full", "small", "tiny"),
+                   help="CLIPSeg size for the speed cases (default full, the published architecture)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     depth, size = (300, 512) if args.full else (32, 256)
@@ -259,14 +262,16 @@ def main(argv=None):
         return results
     volume_path = tmp / "bench.nrrd"
     make_volume(depth, size, volume_path)
-    results = {"machine": machine(), "volume": f"{depth}x{size}x{size}", "cases": {}}
+    results = {"machine": machine(), "volume": f"{depth}x{size}x{size}", "model": f"CLIPSeg {args.model_size}",
+               "cases": {}}
     if not args.no_naive:
         n = args.naive_slices or (depth if depth <= 32 else 16)
-        results["cases"]["naive"] = _in_subprocess("case_naive", volume_path=str(volume_path), slices=n)
+        results["cases"]["naive"] = _in_subprocess("case_naive", volume_path=str(volume_path), slices=n,
+                                                   model_size=args.model_size)
     for precision in args.precision:
         results["cases"][f"engine_{precision}"] = _in_subprocess(
             "case_engine", volume_path=str(volume_path), precision=precision, batch=args.batch_size,
-            reprompt=True, preview=True)
+            reprompt=True, preview=True, model_size=args.model_size)
     rows = ["| case | dtype | batch | s/slice | slices/s | s/volume | re-prompt s | preview s | preview s, prefetched "
             "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["cases"].items():
@@ -283,7 +288,7 @@ def main(argv=None):
             r["reprompt_speedup"] = r["seconds"] / r["reprompt_seconds"]
             rows.append(f"\n{name}: first pass {r.get('speedup_vs_naive', float('nan')):.1f}x the naive way (b/a); "
                         f"re-prompt {r['reprompt_speedup']:.1f}x faster than the first pass (b/c)")
-    print(f"Machine: {results['machine']}; volume {results['volume']}; full-size CLIPSeg, random weights\n")
+    print(f"Machine: {results['machine']}; volume {results['volume']}; CLIPSeg {args.model_size}, random weights\n")
     print("\n".join(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
