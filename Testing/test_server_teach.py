@@ -106,10 +106,17 @@ def test_what_a_client_sends_to_teach_is_checked_with_one_line_answers(teaching)
         "a name short": (wire.encode(case.volume, layers, {"names": json.dumps(case.names[:2])}), key, "one name"),
         "no layers": (wire.encode(case.volume), key, "layers"),
     }
+    from test_server_hostile import _gzip_stream
+
+    header = bad["another key"][0].split(b"\n\n", 1)[0]
+    sizes = next(line for line in header.split(b"\n") if line.startswith(b"sizes:"))
+    bad["a gzip bomb"] = (header + b"\n\n" + _gzip_stream(20 << 20), key, "inflates to more than")
+    bad["declared beyond the voxels"] = (header.replace(sizes, b"sizes: 30 5000 5000 3") + b"\n\n" + bytes(100), key,
+                                         "--max-voxels")
     for what, (body, as_key, reason) in bad.items():
         status, answer = put(body, as_key)
         detail = json.loads(answer)["detail"]
-        assert status == 422 and reason in detail and "\n" not in detail, what
+        assert status in (413, 422) and reason in detail and "\n" not in detail, what
     volume_key, labels_key = alice.upload(case.volume), alice.upload_labels(case.volume, case.masks, case.names)
     teach = {"cases": [{"volume": volume_key, "labels": labels_key}], "model": "tiny", "epochs": 2}
     refused = [({**teach, "epochs": 51}, 422, "Epochs must be 1..50"),

@@ -96,21 +96,31 @@ class Client:
         """Run ``request`` on ``volume`` there; ``progress(done, total)`` while it runs; ``cancel()``
         returning True cancels it there and raises ``Cancelled``."""
         job = self.start(volume, request, model)
+        self._follow(f"/jobs/{job}", POLL_S, progress, cancel, ("segment", "run"))
+        return self._result(volume, request, job)
+
+    def _follow(self, path: str, every_s: float, progress, cancel, verbs: tuple, on_status=None) -> dict:
+        """Poll a job until it ends: ``progress(done, total)`` and ``on_status(status)`` at each poll;
+        ``cancel()`` returning True cancels it there. Its last status if done; ``Cancelled`` or one
+        ``ServerError`` line otherwise (``verbs``: what it could not do, what to do again)."""
         while True:
-            status = json.loads(self._call("GET", f"/jobs/{job}")[1])
+            status = json.loads(self._call("GET", path)[1])
             if progress is not None and status["total"]:
                 progress(status["done"], status["total"])
+            if on_status is not None:
+                on_status(status)
             if status["state"] in ("done", "failed", "cancelled"):
                 break
             if cancel is not None and cancel():
-                self._call("DELETE", f"/jobs/{job}")
+                self._call("DELETE", path)
                 raise Cancelled()
-            time.sleep(POLL_S)
+            time.sleep(every_s)
         if status["state"] == "cancelled":
             raise Cancelled(status["error"])
         if status["state"] == "failed":
-            raise ServerError(f"The server could not segment: {status['error']}", "See the message; fix and run again")
-        return self._result(volume, request, job)
+            raise ServerError(f"The server could not {verbs[0]}: {status['error']}",
+                              f"See the message; fix and {verbs[1]} again")
+        return status
 
     def upload_labels(self, volume, masks, names) -> str:
         """A case's segments (``masks [S, K, J, I]`` on ``volume``'s grid) under their key; uploaded only
@@ -135,29 +145,20 @@ class Client:
                 "model": model, "mode": settings.mode, "epochs": settings.epochs, "plane": settings.plane,
                 "labels": settings.labels}
         job = json.loads(self._call("POST", "/teach", json.dumps(body).encode())[1])["job"]
-        seen = 0
-        while True:
-            status = json.loads(self._call("GET", f"/teach/{job}")[1])
-            if progress is not None and status["total"]:
-                progress(status["done"], status["total"])
-            for row in status["curve"][seen:]:
+        seen = []  # the curve's rows already handed to on_epoch
+
+        def new_rows(status):
+            for row in status["curve"][len(seen):]:
+                seen.append(row)
                 if on_epoch is not None:
                     on_epoch(row)
-            seen = len(status["curve"])
             if status["state"] in ("done", "failed", "cancelled"):
-                break
-            if cancel is not None and cancel():
-                self._call("DELETE", f"/teach/{job}")
-                raise Cancelled()
-            time.sleep(TEACH_POLL_S)
-        try:
-            self._call("DELETE", f"/teach/{job}")
-        except ServerError:
-            pass
-        if status["state"] == "cancelled":
-            raise Cancelled(status["error"])
-        if status["state"] == "failed":
-            raise ServerError(f"The server could not teach: {status['error']}", "See the message; fix and teach again")
+                try:  # the job ended: the server may forget it (it does after a while anyway)
+                    self._call("DELETE", f"/teach/{job}")
+                except ServerError:
+                    pass
+
+        status = self._follow(f"/teach/{job}", TEACH_POLL_S, progress, cancel, ("teach", "teach"), new_rows)
         return status["model"], status["summary"]
 
     def _result(self, volume, request, job: str) -> SegmentationResult:
